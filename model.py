@@ -1,0 +1,438 @@
+"""
+One GPT, several attention mechanisms behind one flag (GPTConfig.attention):
+
+  'causal'       GPT-2 causal self-attention (the baseline). Decoding keeps K and V of every layer.
+  'inattention'  InAttention (Eisner 2024): every layer's keys and values come from the *initial states*
+                 s = ln_in(wte + wpe), so decoding keeps only s: d numbers per token for the whole model.
+
+Every attention class has the same interface, so an ablation changes exactly one thing:
+  __init__(config, layer_idx)
+  forward(x, s, cache) -> y   x: (B, T, C) the block's ln_1 output; s: (B, Tk, C) initial states (used by
+                              InAttention only, None for the others); cache: this layer's decoding state (a dict
+                              the class fills in) or None while training. Queries are the last T of Tk positions.
+  state_bytes(T, dtype) -> int   formula for this layer's decoding state after T tokens (batch 1)
+Register a new class in ATTENTIONS at the bottom of the attention section.
+
+References: nanoGPT (model layout, names, init), ../shared/REFERENCE.md (equations and choices).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024        # longest sequence trained on; bounds the learned position table
+    vocab_size: int = 50304       # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True             # biases in Linears and LayerNorms, like GPT-2
+    attention: str = 'causal'     # a key of ATTENTIONS
+    pos_emb: str = 'learned'      # 'learned' (GPT-2 wpe) or 'none' (no positions: length unbounded)
+    sdpa: bool = True             # F.scaled_dot_product_attention; False = materialise the T x T matrix
+    inattn_cache: str = 's'       # InAttention decoding state: 's' (initial states, absorbed decode) or 'kv'
+    lightning_block: int = 64     # Lightning: block size of the tiled training form
+    infini_segment: int = 64      # Infini-attention: segment length N
+    infini_update: str = 'linear' # Infini-attention memory update: 'linear' or 'delta'
+    infini_memory: bool = True    # False knocks the memory out (gate forced fully local), for evaluations
+    infini_beta_lr: float = 1e-2  # learning rate of Infini-attention's per-head gates β (no weight decay)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def attend(q, k, v, dropout_p=0.0, sdpa=True):
+    """softmax(q kᵀ / sqrt(hd) + mask) v for q (B,H,Tq,hd), k, v (B,H,Tk,hd); the queries are the *last* Tq
+    positions of the Tk keys (mask aligned bottom-right), so the same call serves training, chunked prefill and
+    one-token decode."""
+    Tq, Tk = q.size(-2), k.size(-2)
+    mask = None if Tq == 1 else torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    if sdpa:
+        if Tq == Tk:  # the training case: let SDPA pick its fused causal kernel
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, Tq, Tk): the quadratic baseline
+    if mask is not None:
+        att = att.masked_fill(~mask, float('-inf'))
+    att = F.dropout(F.softmax(att, dim=-1), p=dropout_p, training=dropout_p > 0)
+    return att @ v
+
+
+def append(cache, name, t):
+    """Concatenate t (B, H, T, hd) onto cache[name] along time and return the whole."""
+    cache[name] = t if name not in cache else torch.cat([cache[name], t], dim=2)
+    return cache[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention variants
+
+class CausalSelfAttention(nn.Module):
+    """GPT-2: q, k, v = x Wq, x Wk, x Wv; y = softmax(q kᵀ / sqrt(hd) + causal) v. Cache: K, V per layer."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout, self.sdpa = config.n_head, config.dropout, config.sdpa
+
+    def heads(self, t):  # (B, T, C) -> (B, H, T, hd)
+        B, T, C = t.size()
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def forward(self, x, s, cache=None):
+        B, T, C = x.size()
+        q, k, v = map(self.heads, self.c_attn(x).split(C, dim=2))
+        if cache is not None:  # decoding: keys and values of all earlier tokens are kept
+            k, v = append(cache, 'k', k), append(cache, 'v', v)
+        y = attend(q, k, v, self.dropout if self.training else 0.0, self.sdpa)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    @staticmethod
+    def state_bytes(config, T, dtype):
+        return 2 * T * config.n_embd * dtype.itemsize  # K and V
+
+
+class InAttention(CausalSelfAttention):
+    """InAttention: queries from the stream, keys and values from the initial states s (REFERENCE section 2):
+        q = x Wq,  k = s Wk,  v = s Wv,  y = softmax(q kᵀ / sqrt(hd) + causal) v
+    Same parameters (and GPT-2 names) as causal attention; only the inputs of Wk and Wv change."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.cache_layout = config.inattn_cache
+
+    def forward(self, x, s, cache=None):
+        B, T, C = x.size()
+        Wq, Wk, Wv = self.c_attn.weight.split(C)  # each (C, C)
+        bq, bk, bv = self.c_attn.bias.split(C) if self.c_attn.bias is not None else (None, None, None)
+        q = self.heads(F.linear(x, Wq, bq))
+        if cache is not None and self.cache_layout == 'kv':  # per-layer K/V cache; s holds the new tokens only
+            k = append(cache, 'k', self.heads(F.linear(s, Wk, bk)))
+            v = append(cache, 'v', self.heads(F.linear(s, Wv, bv)))
+            y = attend(q, k, v, 0.0, self.sdpa)
+        elif s.size(1) > T:  # decoding from the initial-state cache: absorb Wk, Wv, never build K or V
+            y = self.absorbed(q, s, Wk, Wv, bv)
+        else:  # training / first prefill chunk: K and V once, then ordinary attention
+            k, v = self.heads(F.linear(s, Wk, bk)), self.heads(F.linear(s, Wv, bv))
+            y = attend(q, k, v, self.dropout if self.training else 0.0, self.sdpa)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def absorbed(self, q, s, Wk, Wv, bv):
+        """Per head h: q·k_j = (Wk_hᵀ q_h)·s_j and Σ_j p_j v_j = Wv_h (Σ_j p_j s_j) + bv_h. The key bias adds the same
+        q·bk to every score and cancels in the softmax; the value bias is added once because Σ_j p_j = 1."""
+        B, H, T, hd = q.size()
+        C = s.size(-1)
+        q_tilde = torch.einsum('bhtd,hdc->bhtc', q, Wk.view(H, hd, C)) / math.sqrt(hd)  # (B, H, T, C)
+        att = q_tilde @ s.unsqueeze(1).transpose(-2, -1)  # (B, H, T, Tk) straight from the cache
+        Tk = s.size(1)
+        if T > 1:
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)
+            att = att.masked_fill(~mask, float('-inf'))
+        z = F.softmax(att, dim=-1) @ s.unsqueeze(1)  # (B, H, T, C): attention-weighted initial states
+        y = torch.einsum('bhtc,hdc->bhtd', z, Wv.view(H, hd, C))  # (B, H, T, hd)
+        return y if bv is None else y + bv.view(1, H, 1, hd)
+
+    @staticmethod
+    def state_bytes(config, T, dtype):
+        if config.inattn_cache == 'kv':
+            return 2 * T * config.n_embd * dtype.itemsize
+        return 0  # the initial states are shared by all layers: counted once by GPT.decode_state_bytes
+
+
+ATTENTIONS = {'causal': CausalSelfAttention, 'inattention': InAttention}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared transformer
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = ATTENTIONS[config.attention](config, layer_idx)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, s, cache=None):
+        x = x + self.attn(self.ln_1(x), s, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Cache:
+    """Everything a decoder keeps between steps, and nothing else:
+    pos: tokens processed so far; s: InAttention's initial states (B, T, C), shared by every layer;
+    layers: one dict per layer that its attention class fills (K/V, recurrent state, memory, ...)."""
+
+    def __init__(self, n_layer):
+        self.pos, self.s, self.layers = 0, None, [{} for _ in range(n_layer)]
+
+    def tensors(self):
+        return ([self.s] if self.s is not None else []) + [t for d in self.layers for t in d.values()
+                                                           if torch.is_tensor(t)]
+
+    def nbytes(self):
+        """Bytes actually held, measured from the tensors (a formula is GPT.decode_state_bytes)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == 'learned' else None,
+            drop=nn.Dropout(config.dropout),
+            ln_in=LayerNorm(config.n_embd, bias=config.bias) if config.attention == 'inattention' else None,
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2)
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2L)
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; by default without the position table (the token table is tied to lm_head)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.transformer.wpe is not None:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) -> (logits, loss). With targets: logits at every position and the mean cross-entropy
+        (targets of -1 are ignored). Without: logits of the last position only (B, 1, V), which is all that
+        sampling needs. With a cache: idx are the next T tokens after cache.pos, and the cache is extended."""
+        B, T = idx.size()
+        pos0 = 0 if cache is None else cache.pos
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            if pos0 + T > self.config.block_size:
+                raise ValueError(f"position {pos0 + T - 1} is past the position table (block_size="
+                                 f"{self.config.block_size}); crop the context or extend_block_size()")
+            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)  # the initial states, input of block 0
+        s = None
+        if self.transformer.ln_in is not None:  # InAttention: every layer reads s = ln_in(x0)
+            s = self.transformer.ln_in(x)
+            if cache is not None and self.config.inattn_cache == 's':
+                cache.s = s = s if cache.s is None else torch.cat([cache.s, s], dim=1)  # (B, pos0 + T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, s, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- context length ---------------------------------------------------------------------------------
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. to fine-tune a pretrained model at a smaller one): keep the first rows."""
+        assert 0 < block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if self.transformer.wpe is not None:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
+    def extend_block_size(self, block_size, method='interpolate'):
+        """Grow the learned position table from T0 to T1 = block_size rows (REFERENCE section 6).
+        'interpolate': position interpolation (Chen et al. 2023), new row m = old table read at m·T0/T1,
+                       linearly between neighbouring rows; the model sees familiar positions, more densely.
+        'copy':        new row m = old row m mod T0 (the learned rows tiled)."""
+        T0, T1 = self.config.block_size, block_size
+        if T1 < T0:
+            raise ValueError(f"extend_block_size({T1}) is smaller than block_size={T0}: use crop_block_size")
+        if method not in ('interpolate', 'copy'):
+            raise ValueError(f"unknown extension method {method!r}: use 'interpolate' or 'copy'")
+        self.config.block_size = T1
+        if self.transformer.wpe is None or T1 == T0:
+            return
+        old = self.transformer.wpe.weight.detach()
+        if method == 'copy':
+            new = old[torch.arange(T1, device=old.device) % T0]
+        else:
+            src = torch.arange(T1, device=old.device, dtype=torch.float32) * (T0 / T1)
+            lo = src.floor().long().clamp(max=T0 - 1)
+            frac = (src - lo).unsqueeze(1).to(old.dtype)
+            new = (1 - frac) * old[lo] + frac * old[(lo + 1).clamp(max=T0 - 1)]
+        self.transformer.wpe = nn.Embedding(T1, old.size(1), device=old.device, dtype=old.dtype)
+        self.transformer.wpe.weight.data.copy_(new)
+
+    # --- loading GPT-2 ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """Hugging Face GPT-2 weights ('gpt2', 'gpt2-medium', ... or a local directory) loaded by name.
+        override_args may set dropout and attention. With attention='inattention' the weights are only an
+        initialisation: the same Wk, Wv then read the initial states instead of the stream, so the model
+        computes something different until it is fine-tuned; ln_in starts as identity-like LayerNorm."""
+        from transformers import GPT2LMHeadModel
+        override_args = override_args or {}
+        assert set(override_args) <= {'dropout', 'attention'}, "only dropout and attention can be overridden"
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        c = hf.config
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, bias=True, **override_args)
+        model = cls(config)
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        # HF uses Conv1D modules: their weights are the transpose of nn.Linear's
+        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+        for k, v in sd_hf.items():
+            if k.endswith('.attn.bias') or k.endswith('.attn.masked_bias'):
+                continue  # causal-mask buffers of older checkpoints, not parameters
+            if k not in sd:
+                raise KeyError(f"{name_or_path}: parameter {k} has no counterpart in this GPT")
+            v = v.t() if k.endswith(transposed) else v
+            assert v.shape == sd[k].shape, f"{k}: {tuple(v.shape)} vs {tuple(sd[k].shape)}"
+            with torch.no_grad():
+                sd[k].copy_(v)
+        return model
+
+    # --- training helpers ---------------------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on every matrix (Linear weights, embeddings), none on biases and norm gains."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        gates = [p for n, p in named if n.endswith('.beta')]  # Infini-attention gates: their own learning rate
+        params = [p for n, p in named if not n.endswith('.beta')]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        if gates:  # lr_scale: the training loop sets lr = schedule(it) * lr_scale for every group
+            scale = self.config.infini_beta_lr / learning_rate
+            groups.append({'params': gates, 'weight_decay': 0.0, 'lr': learning_rate * scale, 'lr_scale': scale})
+        fused = device_type == 'cuda'  # fused AdamW kernel exists on CUDA
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (default: A100 bf16, 312 TFLOP/s).
+        FLOPs per token = 6N + 12·L·H·hd·T (PaLM appendix B), as for full softmax attention."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_iter = (6 * self.get_num_params() + 12 * L * H * Q * T) * T * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    # --- decoding -----------------------------------------------------------------------------------------
+
+    def new_cache(self):
+        return Cache(self.config.n_layer)
+
+    def decode_state_bytes(self, T, dtype=torch.float32, batch_size=1):
+        """Formula for the decoding state after T tokens; Cache.nbytes() measures the real one."""
+        attn = ATTENTIONS[self.config.attention]
+        n = sum(attn.state_bytes(self.config, T, dtype) for _ in range(self.config.n_layer))
+        if self.config.attention == 'inattention' and self.config.inattn_cache == 's':
+            n += T * self.config.n_embd * dtype.itemsize  # s: d numbers per token for the whole model
+        return n * batch_size
+
+    @torch.no_grad()
+    def prefill(self, idx, cache, chunk=None):
+        """Feed idx (B, T) into the cache in pieces of `chunk` tokens; return the last position's logits.
+        For InAttention this is the linear-memory prefill: a chunk's queries only need earlier initial states."""
+        chunk = chunk or idx.size(1)
+        for i in range(0, idx.size(1), chunk):
+            logits, _ = self(idx[:, i:i + chunk], cache=cache)
+        return logits
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, prefill_chunk=None):
+        """Yield the next token (B, 1) max_new_tokens times, sampling from the model given idx (B, T).
+        temperature 0 is greedy decoding. Past block_size a model with learned positions cannot see the whole
+        text: when the window would overflow it slides to the last block_size // 2 tokens, which are re-read
+        (one prefill), and decoding goes on from there; uncached generation uses the very same windows, so both
+        give identical tokens. Models without positions (pos_emb='none') see the whole text."""
+        limit = self.config.block_size if self.transformer.wpe is not None else None
+        start, cache = 0, None
+        for _ in range(max_new_tokens):
+            if limit is not None and idx.size(1) - start > limit:
+                start, cache = idx.size(1) - limit // 2, None  # slide the window; the cache is rebuilt
+            if not use_cache:
+                logits, _ = self(idx[:, start:])
+            elif cache is None:
+                cache = self.new_cache()
+                logits = self.prefill(idx[:, start:], cache, prefill_chunk)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, prefill_chunk=None):
+        """idx (B, T) -> (B, T + max_new_tokens): the prompt followed by the sampled tokens."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache, prefill_chunk))
+        return torch.cat([idx] + new, dim=1)
+
+
+def check_config(config):
+    """Reject impossible configurations with one line that says how to fix them."""
+    if config.attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {config.attention!r}; valid: {', '.join(ATTENTIONS)}")
+    if config.n_embd % config.n_head != 0:
+        raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+    if config.pos_emb not in ('learned', 'none'):
+        raise ValueError(f"unknown pos_emb {config.pos_emb!r}; valid: learned, none")
+    if config.inattn_cache not in ('s', 'kv'):
+        raise ValueError(f"unknown inattn_cache {config.inattn_cache!r}; valid: s, kv")
+    if config.infini_update not in ('linear', 'delta'):
+        raise ValueError(f"unknown infini_update {config.infini_update!r}; valid: linear, delta")
+    for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'lightning_block', 'infini_segment'):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
