@@ -129,27 +129,25 @@ class InAttention(CausalSelfAttention):
             k = append(cache, 'k', self.heads(F.linear(s, Wk, bk)))
             v = append(cache, 'v', self.heads(F.linear(s, Wv, bv)))
             y = attend(q, k, v, 0.0, self.sdpa)
-        elif s.size(1) > T:  # decoding from the initial-state cache: absorb Wk, Wv, never build K or V
+        elif T == 1:  # one-token decode from the initial-state cache: absorb Wk, Wv, never build K or V
             y = self.absorbed(q, s, Wk, Wv, bv)
-        else:  # training / first prefill chunk: K and V once, then ordinary attention
+        else:  # training, or a prefill chunk: K and V of every visible token, freed when this layer is done
             k, v = self.heads(F.linear(s, Wk, bk)), self.heads(F.linear(s, Wv, bv))
             y = attend(q, k, v, self.dropout if self.training else 0.0, self.sdpa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def absorbed(self, q, s, Wk, Wv, bv):
-        """Per head h: q·k_j = (Wk_hᵀ q_h)·s_j and Σ_j p_j v_j = Wv_h (Σ_j p_j s_j) + bv_h. The key bias adds the same
-        q·bk to every score and cancels in the softmax; the value bias is added once because Σ_j p_j = 1."""
-        B, H, T, hd = q.size()
+        """One query per head against the cache S = s (B, Tk, C): q·k_j = (Wk_hᵀ q_h)·s_j and
+        Σ_j p_j v_j = Wv_h (Σ_j p_j s_j) + bv_h. The key bias adds the same q·bk to every score and cancels in the
+        softmax; the value bias is added once because Σ_j p_j = 1. H times the attention FLOPs of a K/V cache,
+        half the bytes read per layer. (For a prefill chunk of many queries, building K and V is cheaper.)"""
+        B, H, _, hd = q.size()  # (B, H, 1, hd)
         C = s.size(-1)
-        q_tilde = torch.einsum('bhtd,hdc->bhtc', q, Wk.view(H, hd, C)) / math.sqrt(hd)  # (B, H, T, C)
-        att = q_tilde @ s.unsqueeze(1).transpose(-2, -1)  # (B, H, T, Tk) straight from the cache
-        Tk = s.size(1)
-        if T > 1:
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)
-            att = att.masked_fill(~mask, float('-inf'))
-        z = F.softmax(att, dim=-1) @ s.unsqueeze(1)  # (B, H, T, C): attention-weighted initial states
-        y = torch.einsum('bhtc,hdc->bhtd', z, Wv.view(H, hd, C))  # (B, H, T, hd)
+        q_tilde = torch.einsum('bhtd,hdc->bhtc', q, Wk.view(H, hd, C)) / math.sqrt(hd)  # (B, H, 1, C)
+        att = F.softmax(q_tilde @ s.unsqueeze(1).transpose(-2, -1), dim=-1)  # (B, H, 1, Tk): all tokens visible
+        z = att @ s.unsqueeze(1)  # (B, H, 1, C): attention-weighted initial states
+        y = torch.einsum('bhtc,hdc->bhtd', z, Wv.view(H, hd, C))  # (B, H, 1, hd)
         return y if bv is None else y + bv.view(1, H, 1, hd)
 
     @staticmethod
