@@ -1,0 +1,240 @@
+"""
+Prepare a dataset for train.py: token ids in train.bin / val.bin (raw np.uint16, as nanoGPT) and meta.pkl.
+
+    python prepare_data.py shakespeare_char   # character vocabulary, ~1M chars
+    python prepare_data.py shakespeare        # GPT-2 BPE (tiktoken r50k_base)
+    python prepare_data.py openwebtext --max_docs 100000 --num_proc 8
+
+meta.pkl is a pickled dict: {'vocab_size': int, 'stoi': {char: int}, 'itos': {int: char}} for a character
+vocabulary, or {'vocab_size': 50257, 'tokenizer': 'r50k_base'} for GPT-2 BPE (<|endoftext|> = 50256).
+Every file is written to a temp file and renamed, meta.pkl last: its presence means the dataset is complete.
+"""
+import argparse
+import os
+import pickle
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.request import urlopen
+
+import numpy as np
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent
+SHARED = REPO.parent / 'shared'  # reference data beside the repo (offline machines, CI)
+SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+TOKENIZER = 'r50k_base'  # byte-for-byte the GPT-2 vocabulary
+
+
+class PrepareError(RuntimeError):
+    """Bad input or missing resource; the message is one line that says how to fix it."""
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path`, renamed onto it only if the block succeeds: never a half-written file."""
+    path = Path(path)
+    tmp = path.parent / f'.{path.name}.{os.getpid()}.tmp'  # same folder: the rename cannot cross filesystems
+    try:
+        yield tmp
+        os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bin(path, ids):
+    with atomic_path(path) as tmp:
+        np.asarray(ids, dtype=np.uint16).tofile(tmp)
+
+
+def write_meta(out_dir, meta):
+    with atomic_path(Path(out_dir) / 'meta.pkl') as tmp, open(tmp, 'wb') as f:
+        pickle.dump(meta, f)
+
+
+def is_prepared(out_dir):
+    out_dir = Path(out_dir)
+    return all((out_dir / f).exists() for f in ('train.bin', 'val.bin', 'meta.pkl'))
+
+
+def start_writing(out_dir):
+    # a dataset is complete only once meta.pkl is (re)written, so drop a stale one before touching the .bin files
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / 'meta.pkl').unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# Tiny Shakespeare
+
+def find_input(out_dir, input_path=None):
+    """The text to tokenise: --input, else a local copy, else download into <out_dir>/input.txt."""
+    if input_path is not None:
+        if not Path(input_path).is_file():
+            raise PrepareError(f'--input {input_path} is not a file: pass the path of a text file')
+        return Path(input_path)
+    local = Path(out_dir) / 'input.txt'
+    for path in (local, SHARED / 'data' / 'tinyshakespeare' / 'input.txt'):
+        if path.is_file():
+            return path
+    print(f'downloading {SHAKESPEARE_URL} to {local}')
+    local.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urlopen(SHAKESPEARE_URL, timeout=30) as r, atomic_path(local) as tmp, open(tmp, 'wb') as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:  # URLError, HTTPError, timeouts and connection errors are all OSErrors
+        raise PrepareError(f'could not download {SHAKESPEARE_URL} ({e}): pass --input PATH or place the file '
+                           f'at {local}') from None
+    return local
+
+
+def read_text(path):
+    text = Path(path).read_text(encoding='utf-8')
+    if not text:
+        raise PrepareError(f'{path} is empty: pass a text file with some text in it')
+    return text
+
+
+def split_text(text):
+    n = int(0.9 * len(text))  # first 90% of the characters to train, the rest to val
+    return text[:n], text[n:]
+
+
+def prepare_shakespeare_char(out_dir, input_path=None, **kw):
+    text = read_text(find_input(out_dir, input_path))
+    chars = sorted(set(text))
+    if len(chars) > 2**16:
+        raise PrepareError(f'{len(chars)} distinct characters do not fit uint16 token ids: use the BPE dataset')
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+    print(f'{len(text):,} characters, vocab size {len(chars)}')
+    start_writing(out_dir)
+    for split, part in zip(('train', 'val'), split_text(text)):
+        write_bin(out_dir / f'{split}.bin', [stoi[ch] for ch in part])
+    write_meta(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
+
+
+def get_encoding():
+    import tiktoken
+    # tiktoken downloads its BPE file on first use; offline machines read the copy cached in shared/ instead
+    cache = SHARED / 'tiktoken_cache'
+    if 'TIKTOKEN_CACHE_DIR' not in os.environ and cache.is_dir():
+        os.environ['TIKTOKEN_CACHE_DIR'] = str(cache)
+    try:
+        return tiktoken.get_encoding(TOKENIZER)
+    except Exception as e:  # network errors surface as many types (requests, ssl, OSError)
+        raise PrepareError(f'could not load the tiktoken encoding {TOKENIZER!r} ({type(e).__name__}): go online '
+                           f'once, or set TIKTOKEN_CACHE_DIR to a folder holding its cached file') from None
+
+
+def prepare_shakespeare(out_dir, input_path=None, **kw):
+    text = read_text(find_input(out_dir, input_path))
+    enc = get_encoding()
+    start_writing(out_dir)
+    for split, part in zip(('train', 'val'), split_text(text)):
+        ids = enc.encode_ordinary(part)  # ordinary: '<|endoftext|>' in the text is plain text, not a token
+        print(f'{split} has {len(ids):,} tokens')
+        write_bin(out_dir / f'{split}.bin', ids)
+    write_meta(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
+
+
+# -----------------------------------------------------------------------------
+# OpenWebText (Hugging Face datasets), ~8M documents, ~9B tokens
+
+def split_docs(dset, max_docs=None):
+    """Optionally take the first max_docs documents, then hold out 0.05% as 'val' (nanoGPT's split)."""
+    if max_docs is not None:
+        dset = dset.select(range(min(max_docs, len(dset))))
+    if len(dset) < 2:
+        raise PrepareError(f'{len(dset)} document(s) cannot be split into train and val: use --max_docs 2 or more')
+    split = dset.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    split['val'] = split.pop('test')
+    return split
+
+
+def write_tokens(dset, path, max_shards=1024):
+    """Concatenate the 'ids' of a tokenised Dataset into a uint16 file, shard by shard (never all in RAM)."""
+    arr_len = int(np.sum(dset['len'], dtype=np.uint64))
+    if arr_len == 0:
+        raise PrepareError(f'no tokens to write to {path}: the split is empty, use more documents')
+    n_shards = min(max_shards, len(dset))  # a tiny dataset cannot be cut into more shards than it has rows
+    with atomic_path(path) as tmp:
+        arr = np.memmap(tmp, dtype=np.uint16, mode='w+', shape=(arr_len,))
+        idx = 0
+        for i in tqdm(range(n_shards), desc=f'writing {Path(path).name}'):
+            shard = dset.shard(num_shards=n_shards, index=i, contiguous=True).with_format('numpy')
+            ids = np.concatenate(shard['ids'])
+            arr[idx: idx + len(ids)] = ids
+            idx += len(ids)
+        arr.flush()
+        del arr  # close the map before the rename
+
+
+def write_bpe_splits(dsets, out_dir, num_proc=1):
+    """Tokenise every split of a DatasetDict with a 'text' column and write <split>.bin, then meta.pkl."""
+    enc = get_encoding()
+
+    def process(example):
+        ids = enc.encode_ordinary(example['text'])
+        ids.append(enc.eot_token)  # <|endoftext|> (50256) separates documents
+        return {'ids': ids, 'len': len(ids)}
+
+    tokenized = dsets.map(process, remove_columns=['text'], desc='tokenizing', num_proc=num_proc)
+    out_dir = Path(out_dir)
+    start_writing(out_dir)
+    for split, dset in tokenized.items():
+        write_tokens(dset, out_dir / f'{split}.bin')
+    write_meta(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
+
+
+def prepare_openwebtext(out_dir, input_path=None, max_docs=None, num_proc=None, **kw):
+    if input_path is not None:
+        raise PrepareError('--input is only for the Shakespeare datasets: openwebtext comes from Hugging Face')
+    num_proc = num_proc or os.cpu_count()
+    from datasets import load_dataset
+    try:
+        dset = load_dataset('openwebtext', num_proc=num_proc)['train']  # the dataset has only a train split
+    except Exception as e:  # offline or hub errors come in many types
+        msg = str(e).splitlines()[0] if str(e) else ''
+        raise PrepareError(f"could not load the Hugging Face dataset 'openwebtext' ({type(e).__name__}: {msg}): "
+                           f'it needs internet access, or a copy in the Hugging Face cache') from None
+    write_bpe_splits(split_docs(dset, max_docs), out_dir, num_proc=num_proc)
+
+
+# -----------------------------------------------------------------------------
+
+DATASETS = {
+    'shakespeare_char': prepare_shakespeare_char,
+    'shakespeare': prepare_shakespeare,
+    'openwebtext': prepare_openwebtext,
+}
+
+
+def prepare(name, input_path=None, out_dir=None, **kw):
+    """Write train.bin, val.bin and meta.pkl for dataset `name` into out_dir (default data/<name>/); return it."""
+    if name not in DATASETS:
+        raise PrepareError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}')
+    out_dir = Path(out_dir) if out_dir is not None else REPO / 'data' / name
+    DATASETS[name](out_dir, input_path=input_path, **kw)
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Tokenise a dataset into train.bin, val.bin and meta.pkl.')
+    parser.add_argument('name', choices=list(DATASETS))
+    parser.add_argument('--input', help='text file to use (Shakespeare sets; default: a local copy or download)')
+    parser.add_argument('--out_dir', help='output folder (default: data/<name>/ in the repo)')
+    parser.add_argument('--max_docs', type=int, help='openwebtext: use only the first N documents')
+    parser.add_argument('--num_proc', type=int, help='openwebtext: worker processes (default: all CPUs)')
+    args = parser.parse_args(argv)
+    try:
+        out_dir = prepare(args.name, args.input, args.out_dir, max_docs=args.max_docs, num_proc=args.num_proc)
+    except PrepareError as e:
+        print(f'prepare_data.py: error: {e}', file=sys.stderr)
+        sys.exit(1)
+    print(f'wrote {out_dir}')
+
+
+if __name__ == '__main__':
+    main()
