@@ -188,16 +188,19 @@ def write_bpe_splits(dsets, out_dir, num_proc=1):
     write_meta(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
 
 
+OWT_NAME = 'Skylion007/openwebtext'
+
+
 def prepare_openwebtext(out_dir, input_path=None, max_docs=None, num_proc=None, **kw):
     if input_path is not None:
         raise PrepareError('--input is only for the Shakespeare datasets: openwebtext comes from Hugging Face')
     num_proc = num_proc or os.cpu_count()
     from datasets import load_dataset
-    try:
-        dset = load_dataset('openwebtext', num_proc=num_proc)['train']  # the dataset has only a train split
+    try:  # the hub's canonical copy; datasets >= 4 runs no loading scripts, so the old bare name 'openwebtext' fails
+        dset = load_dataset(OWT_NAME, num_proc=num_proc)['train']  # the dataset has only a train split
     except Exception as e:  # offline or hub errors come in many types
         msg = str(e).splitlines()[0] if str(e) else ''
-        raise PrepareError(f"could not load the Hugging Face dataset 'openwebtext' ({type(e).__name__}: {msg}): "
+        raise PrepareError(f"could not load the Hugging Face dataset {OWT_NAME!r} ({type(e).__name__}: {msg}): "
                            f'it needs internet access, or a copy in the Hugging Face cache') from None
     write_bpe_splits(split_docs(dset, max_docs), out_dir, num_proc=num_proc)
 

@@ -180,7 +180,7 @@ def test_openwebtext_offline_is_a_clear_error(tmp_path, monkeypatch):
     def load_dataset(*args, **kw):
         raise ConnectionError("Couldn't reach 'openwebtext' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
-    with pytest.raises(PrepareError, match="could not load the Hugging Face dataset 'openwebtext'"):
+    with pytest.raises(PrepareError, match="could not load the Hugging Face dataset 'Skylion007/openwebtext'"):
         prepare('openwebtext', out_dir=tmp_path / 'out', num_proc=1)
     assert not (tmp_path / 'out').exists()
 
