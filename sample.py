@@ -1,0 +1,178 @@
+"""
+Sample from a trained model, printing the text as it is generated (nanoGPT's sample.py, streaming).
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=200
+    python sample.py --init_from=gpt2 --start=FILE:prompt.txt --stats
+
+The text is decoded with the vocabulary saved in the checkpoint (characters, or GPT-2 BPE via tiktoken).
+--stats adds decode and prefill speed, and the memory of the decoding state: the bytes a cache really holds
+after the final context, beside the model's formula for them.
+"""
+import codecs
+import glob
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure_or_exit, die
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or folder, or a GPT-2 name ('gpt2-xl', ...)
+out_dir = 'out'  # the folder train.py wrote ckpt.pt to
+start = ''  # the prompt, or "FILE:path" to read it from a file; empty: "\n" for characters, <|endoftext|> for BPE
+num_samples = 10  # number of samples to draw
+max_new_tokens = 500  # number of tokens generated in each sample
+temperature = 0.8  # 1.0 = the model's distribution, < 1.0 = more conservative, 0 = greedy (argmax)
+top_k = 200  # sample among the top_k most likely tokens only; 0 = all
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', 'mps'
+dtype = 'auto'  # 'float32' | 'bfloat16' | 'float16'; auto = bfloat16 where the GPU has it, float32 on a CPU
+use_cache = True  # decode from the model's cache (False: re-read the whole context for every token)
+prefill_chunk = 0  # feed the prompt into the cache this many tokens at a time; 0 = all at once
+stats = False  # print decode and prefill tokens/s, and the decoding state's memory
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def train_command(out_dir):
+    """The command that writes out_dir/ckpt.pt: the config file that names out_dir, if there is one."""
+    for path in sorted(glob.glob(os.path.join(REPO, 'config', '*.py'))):
+        with open(path) as f:
+            if f"out_dir = '{out_dir}'" in f.read():
+                return f"python train.py config/{os.path.basename(path)}"
+    return f"python train.py config/train_shakespeare_char.py --out_dir={out_dir}"
+
+
+def load_model(init_from, out_dir):
+    """-> (model, meta): a checkpoint of train.py and its vocabulary, or GPT-2 from Hugging Face with its BPE."""
+    if init_from.startswith('gpt2') and not os.path.exists(init_from):
+        try:
+            model = GPT.from_pretrained(init_from)
+        except OSError as e:
+            die(f"could not load {init_from!r} from Hugging Face ({type(e).__name__}): it needs internet access "
+                f"once, or a copy in the Hugging Face cache")
+        return model, {'vocab_size': 50257, 'tokenizer': 'r50k_base'}
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
+    if os.path.isdir(ckpt_path):
+        ckpt_path = os.path.join(ckpt_path, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        die(f"no checkpoint at {ckpt_path}: train one first with `{train_command(os.path.dirname(ckpt_path))}`, "
+            f"or pass --out_dir=FOLDER holding ckpt.pt")
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)  # our file: it holds dicts too
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+    return model, checkpoint['meta']
+
+
+def tokenizer(meta):
+    """-> (encode: text -> ids, decode_stream: iterable of ids -> text pieces, the prompt used for an empty one)."""
+    if 'stoi' in meta:  # characters
+        stoi, itos = meta['stoi'], meta['itos']
+
+        def encode(text):
+            unknown = sorted(set(text) - set(stoi))
+            if unknown:
+                die(f"the prompt has characters that are not in the model's vocabulary of {len(stoi)}: "
+                    f"{', '.join(map(repr, unknown))}; remove or replace them")
+            return [stoi[c] for c in text]
+
+        def decode_stream(ids):
+            for i in ids:
+                yield itos[i]
+
+        return encode, decode_stream, '\n'
+
+    import prepare_data  # GPT-2 BPE: prepare_data finds tiktoken's cached file on offline machines
+    enc = prepare_data.get_encoding()
+
+    def encode(text):
+        return enc.encode(text, allowed_special={'<|endoftext|>'})
+
+    def decode_stream(ids):
+        """A BPE token can end in the middle of a UTF-8 character: its bytes wait in an incremental decoder until the
+        character is complete, so the pieces join to exactly enc.decode(ids)."""
+        utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        for i in ids:
+            if i < enc.n_vocab:  # ids past the 50257 real tokens only pad the vocabulary: never trained on
+                yield utf8.decode(enc.decode_single_token_bytes(i))
+        yield utf8.decode(b'', final=True)
+
+    return encode, decode_stream, '<|endoftext|>'
+
+
+def record(tokens, new_ids, times):
+    """Pass on the ids of generate_tokens' (1, 1) tensors, noting each id in new_ids and when it came in times."""
+    for idx_next in tokens:
+        times.append(time.perf_counter())
+        new_ids.append(idx_next.item())
+        yield new_ids[-1]
+
+
+def print_stats(model, x, new_ids, t0, times):
+    """Prefill speed from the time to the first token, decode speed from the rest, and the decoding state of the
+    final context: measured from a cache filled with it, beside the model's formula."""
+    n_prompt, n_new = x.size(1), len(new_ids)
+    prefill = f"{n_prompt / (times[0] - t0):,.0f}"
+    decode = f"{(n_new - 1) / (times[-1] - times[0]):,.0f}" if n_new > 1 else "n/a"
+    print(f"stats: prefill {prefill} tokens/s ({n_prompt} prompt tokens, time to first token "
+          f"{(times[0] - t0) * 1000:.1f}ms), decode {decode} tokens/s ({n_new} tokens)")
+    context = torch.cat([x, torch.tensor([new_ids], dtype=torch.long, device=x.device)], dim=1)
+    if model.transformer.wpe is not None:  # learned positions: the model sees at most block_size tokens
+        context = context[:, -model.config.block_size:]
+    cache = model.new_cache()
+    model.prefill(context, cache, prefill_chunk or None)
+    T = context.size(1)
+    cache_dtype = cache.tensors()[0].dtype if cache.tensors() else torch.float32
+    print(f"stats: decoding state after {T} tokens ({model.config.attention}, {cache_dtype}): measured "
+          f"cache.nbytes() = {cache.nbytes():,} bytes, formula decode_state_bytes({T}) = "
+          f"{model.decode_state_bytes(T, dtype=cache_dtype):,} bytes")
+
+
+if __name__ == '__main__':
+    globals().update(configure_or_exit(DEFAULTS, sys.argv[1:]))
+    if max_new_tokens <= 0:
+        die(f"max_new_tokens={max_new_tokens}: it must be at least 1", status=2)
+    if num_samples <= 0:
+        die(f"num_samples={num_samples}: it must be at least 1", status=2)
+    if temperature < 0:
+        die(f"temperature={temperature}: use 0 (greedy) or more", status=2)
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        die(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16", status=2)
+    if start.startswith('FILE:'):
+        if not os.path.isfile(start[5:]):
+            die(f"--start={start}: no file {start[5:]!r}; pass FILE:path of a text file, or the prompt itself")
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+    torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+    device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
+    if dtype == 'auto':
+        dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+    model, meta = load_model(init_from, out_dir)
+    model.eval()
+    model.to(device)
+    encode, decode_stream, empty_prompt = tokenizer(meta)
+    x = torch.tensor([encode(start or empty_prompt)], dtype=torch.long, device=device)  # (1, T)
+
+    with torch.no_grad(), ctx:
+        for k in range(num_samples):
+            print(start, end='', flush=True)
+            new_ids, times = [], []  # the sampled token ids, and when each arrived
+            t0 = time.perf_counter()
+            tokens = model.generate_tokens(x, max_new_tokens, temperature, top_k or None, use_cache,
+                                           prefill_chunk or None)
+            for piece in decode_stream(record(tokens, new_ids, times)):
+                print(piece, end='', flush=True)
+            print('\n---------------')
+            if stats:
+                print_stats(model, x, new_ids, t0, times)

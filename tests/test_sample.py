@@ -1,0 +1,107 @@
+"""sample.py: streams what the model generates, decoded with the checkpoint's own vocabulary; clear errors."""
+import re
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import sample
+from conftest import TEXT, TINY, one_line_error, run
+from model import GPT, GPTConfig
+
+
+@pytest.fixture(scope='module')
+def char_ckpt(char_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('sample')
+    run('train.py', *TINY, f'--dataset={char_data}', '--max_iters=2', '--eval_interval=2', '--out_dir=out', cwd=tmp)
+    return tmp / 'out'
+
+
+@pytest.fixture(scope='module')
+def bpe_ckpt(tmp_path_factory):
+    """A tiny untrained GPT over GPT-2's BPE (vocabulary padded to 50304 as train.py does), saved like train.py."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    out = tmp_path_factory.mktemp('bpe') / 'out'
+    out.mkdir()
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
+                'meta': {'vocab_size': 50257, 'tokenizer': 'r50k_base'}}, out / 'ckpt.pt')
+    return out
+
+
+def greedy(out_dir, prompt_ids, n):
+    """What the checkpoint generates greedily, computed here without sample.py."""
+    model, _ = sample.load_model('resume', str(out_dir))
+    return model.eval().generate(torch.tensor([prompt_ids]), n, temperature=0)[0, len(prompt_ids):].tolist()
+
+
+def body(stdout):
+    """The first sample's text, without the separator and the stats lines."""
+    return stdout.split('\n---------------\n')[0]
+
+
+def test_prints_the_prompt_then_what_the_model_generates(char_ckpt, tmp_path):
+    r = run('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--start=First', '--num_samples=1',
+            '--max_new_tokens=20', '--temperature=0', cwd=tmp_path)
+    itos = torch.load(char_ckpt / 'ckpt.pt', weights_only=False)['meta']['itos']
+    stoi = {c: i for i, c in itos.items()}
+    expected = ''.join(itos[i] for i in greedy(char_ckpt, [stoi[c] for c in 'First'], 20))
+    assert body(r.stdout) == 'First' + expected
+
+
+def test_samples_differ_and_the_prompt_can_come_from_a_file(char_ckpt, tmp_path):
+    (tmp_path / 'prompt.txt').write_text('All:\n')
+    r = run('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--start=FILE:prompt.txt', '--num_samples=2',
+            '--max_new_tokens=30', '--temperature=2.0', '--top_k=0', cwd=tmp_path)
+    samples = r.stdout.split('\n---------------\n')[:2]
+    assert all(s.startswith('All:\n') and len(s) == 5 + 30 and set(s) <= set(TEXT) for s in samples)
+    assert samples[0] != samples[1]
+
+
+def test_stats_report_speed_and_the_measured_and_formula_state_memory(char_ckpt, tmp_path):
+    r = run('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--num_samples=1', '--max_new_tokens=40',
+            '--stats', '--prefill_chunk=8', cwd=tmp_path)
+    assert re.search(r'^stats: prefill [\d,]+ tokens/s \(1 prompt tokens.*decode [\d,]+ tokens/s \(40 tokens\)',
+                     r.stdout, re.M)
+    # 1 + 40 tokens overflow block_size=32: the state is that of the last 32; causal keeps K and V: 2·T·C·L floats
+    m = re.search(r'decoding state after 32 tokens \(causal, torch.float32\): measured cache.nbytes\(\) = ([\d,]+) '
+                  r'bytes, formula decode_state_bytes\(32\) = ([\d,]+) bytes', r.stdout)
+    assert m and m.group(1) == m.group(2) == f'{2 * 32 * 32 * 2 * 4:,}'
+
+
+def test_bpe_checkpoint_streams_text_equal_to_decoding_all_tokens(bpe_ckpt, tmp_path):
+    encode, _, empty = sample.tokenizer({'tokenizer': 'r50k_base'})
+    r = run('sample.py', f'--out_dir={bpe_ckpt}', '--device=cpu', '--num_samples=1', '--max_new_tokens=25',
+            '--temperature=0', '--start=Hello, wörld', cwd=tmp_path)
+    import prepare_data
+    enc = prepare_data.get_encoding()
+    ids = [i for i in greedy(bpe_ckpt, encode('Hello, wörld'), 25) if i < enc.n_vocab]
+    assert body(r.stdout) == 'Hello, wörld' + enc.decode(ids)
+    assert encode(empty) == [50256]  # an empty prompt starts from <|endoftext|>
+
+
+def test_bpe_stream_waits_for_characters_split_across_tokens():
+    encode, decode_stream, _ = sample.tokenizer({'tokenizer': 'r50k_base'})
+    text = 'naïve 语言模型 ≥ €5 🙂'
+    ids = encode(text)
+    pieces = list(decode_stream(ids))
+    assert ''.join(pieces) == text and '\ufffd' not in ''.join(pieces)
+    assert '' in pieces  # some tokens end inside a character: they print nothing until it is complete
+
+
+def test_character_not_in_the_vocabulary_is_an_error(char_ckpt, tmp_path):
+    r = run('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--start=Fïrst Z', cwd=tmp_path, expect_ok=False)
+    line = one_line_error(r, 1)
+    assert "not in the model's vocabulary" in line and "'Z', 'ï'" in line
+
+
+def test_max_new_tokens_must_be_positive(char_ckpt, tmp_path):
+    r = run('sample.py', f'--out_dir={char_ckpt}', '--max_new_tokens=0', cwd=tmp_path, expect_ok=False)
+    assert 'max_new_tokens=0: it must be at least 1' in one_line_error(r, 2)
+
+
+def test_missing_checkpoint_names_the_path_and_the_command_that_makes_it(tmp_path):
+    r = run('sample.py', '--out_dir=out-inattn-shakespeare-char', cwd=tmp_path, expect_ok=False)
+    line = one_line_error(r, 1)
+    assert 'no checkpoint at out-inattn-shakespeare-char/ckpt.pt' in line
+    assert '`python train.py config/inattn_shakespeare_char.py`' in line

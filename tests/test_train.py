@@ -1,0 +1,165 @@
+"""train.py as a user runs it: checkpoints, exact resume, context extension, non-finite losses, clear errors."""
+import ast
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, one_line_error, run, write_char_dataset
+from model import GPTConfig
+
+N = 4  # iterations of the first run; the resume tests continue it to 2N
+
+
+def load(folder):
+    return torch.load(folder / 'ckpt.pt', map_location='cpu', weights_only=False)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train(tmp, out, *args, expect_ok=True):
+    return run('train.py', *TINY, f'--out_dir={out}', *args, cwd=tmp, expect_ok=expect_ok)
+
+
+@pytest.fixture(scope='module')
+def first_run(char_data, tmp_path_factory):
+    """N iterations with dropout (so the random stream matters), a checkpoint at N; -> (folder, stdout)."""
+    tmp = tmp_path_factory.mktemp('train')
+    r = train(tmp, 'run_n', f'--dataset={char_data}', f'--max_iters={N}', f'--eval_interval={N}', '--dropout=0.1')
+    return tmp / 'run_n', r.stdout
+
+
+def test_every_model_field_is_a_config_key():
+    tree = ast.parse((REPO / 'train.py').read_text())
+    keys = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    assert {f.name for f in fields(GPTConfig)} - {'vocab_size'} <= keys
+
+
+def test_training_writes_a_checkpoint_with_everything_to_resume_and_decode(first_run, char_data):
+    out, stdout = first_run
+    assert re.search(r'iter 3: loss [\d.]+, time [\d.]+ms, [\d,]+ tokens/s, mfu', stdout)
+    assert 'MFU is per GPU, relative to peak_tflops=312' in stdout
+    assert f'step {N}: train loss' in stdout
+    ckpt = load(out)
+    assert set(ckpt) >= {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config', 'meta', 'rng'}
+    assert ckpt['iter_num'] == N and ckpt['model_args']['n_layer'] == 2
+    assert ckpt['meta']['itos'][0] == '\n' and ckpt['meta']['vocab_size'] == ckpt['model_args']['vocab_size']
+    assert ckpt['config']['dataset'] == str(char_data)
+    assert not (out / 'ckpt.pt.tmp').exists()  # written to a temp file, then renamed
+
+
+def test_eval_only_evaluates_the_checkpoint_on_the_same_batches_and_writes_nothing(first_run, char_data, tmp_path):
+    out, stdout = first_run
+    before = digest(out / 'ckpt.pt')
+    r = train(tmp_path, out, '--init_from=resume', '--eval_only=True', f'--dataset={char_data}', '--dropout=0.1')
+    line = re.search(rf'^step {N}: train loss .*$', r.stdout, re.M).group(0)
+    assert line in stdout.splitlines()  # evaluation batches are drawn the same way every time
+    assert 'iter ' not in r.stdout and digest(out / 'ckpt.pt') == before
+
+
+def test_resume_continues_exactly_like_a_straight_run(first_run, char_data, tmp_path):
+    out, _ = first_run
+    shutil.copytree(out, tmp_path / 'resumed')
+    common = [f'--dataset={char_data}', f'--max_iters={2 * N}', f'--eval_interval={N}', '--dropout=0.1']
+    r = train(tmp_path, 'resumed', '--init_from=resume', *common)
+    iters = [int(i) for i in re.findall(r'^iter (\d+):', r.stdout, re.M)]
+    assert iters == list(range(N, 2 * N))  # continued at iteration N
+    train(tmp_path, 'straight', *common)
+    resumed, straight = load(tmp_path / 'resumed'), load(tmp_path / 'straight')
+    assert resumed['iter_num'] == straight['iter_num'] == 2 * N
+    for k, v in straight['model'].items():
+        assert torch.equal(resumed['model'][k], v), k
+    # the optimizer state was restored, not restarted: Adam's moments and step counts are identical
+    s_state, r_state = straight['optimizer']['state'], resumed['optimizer']['state']
+    assert s_state.keys() == r_state.keys()
+    for i in s_state:
+        for name in ('step', 'exp_avg', 'exp_avg_sq'):
+            assert torch.equal(r_state[i][name], s_state[i][name]), (i, name)
+
+
+def test_resume_restores_the_optimizer_state_it_saved(first_run, char_data, tmp_path):
+    out, _ = first_run
+    shutil.copytree(out, tmp_path / 'again')
+    # max_iters=N: the resumed process evaluates at N and, being at the end, saves its state right away
+    r = train(tmp_path, 'again', '--init_from=resume', f'--dataset={char_data}', f'--max_iters={N}', '--dropout=0.1')
+    assert 'iter ' not in r.stdout and f'step {N}:' in r.stdout
+    before, after = load(out), load(tmp_path / 'again')
+    assert after['iter_num'] == N
+    for i, state in before['optimizer']['state'].items():
+        for name, t in state.items():
+            assert torch.equal(after['optimizer']['state'][i][name], t)
+    assert torch.equal(after['rng']['torch'], before['rng']['torch'])
+
+
+def test_checkpoint_fixes_the_architecture_and_a_larger_block_size_extends_it(first_run, char_data, tmp_path):
+    out, _ = first_run
+    r = train(tmp_path, 'longer', f'--init_from={out}', f'--dataset={char_data}', '--block_size=64', '--n_layer=3',
+              '--extend_method=copy', '--max_iters=1', '--learning_rate=0.0', '--min_lr=0.0', '--eval_interval=1')
+    assert "using the checkpoint's n_layer=2 (config had 3)" in r.stdout
+    assert "extending block_size 32 -> 64 (extend_method='copy')" in r.stdout
+    assert 'iter 0:' in r.stdout  # a new run from the checkpoint's weights
+    old, new = load(out), load(tmp_path / 'longer')
+    assert new['model_args']['block_size'] == 64 and new['model_args']['n_layer'] == 2 and new['iter_num'] == 1
+    wpe_old, wpe_new = old['model']['transformer.wpe.weight'], new['model']['transformer.wpe.weight']
+    assert wpe_new.shape == (64, 32)
+    assert torch.equal(wpe_new, torch.cat([wpe_old, wpe_old]))  # 'copy' tiles the table; lr 0 kept it
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(first_run, char_data, tmp_path):
+    out, _ = first_run
+    shutil.copytree(out, tmp_path / 'diverge')
+    good = digest(tmp_path / 'diverge' / 'ckpt.pt')
+    # from the good checkpoint at N, a learning rate of 1e30 blows the weights up to inf/nan within a few steps
+    r = train(tmp_path, 'diverge', '--init_from=resume', f'--dataset={char_data}', f'--max_iters={3 * N}',
+              '--eval_interval=1000', '--learning_rate=1e30', '--decay_lr=False', '--dropout=0.1', expect_ok=False)
+    line = one_line_error(r, 1)
+    stop = int(re.search(r'loss is (?:nan|inf|-inf) at iteration (\d+): stopped', line).group(1))
+    assert N < stop < 3 * N and re.findall(r'^iter (\d+):', r.stdout, re.M)[-1] == str(stop - 1)
+    assert digest(tmp_path / 'diverge' / 'ckpt.pt') == good
+
+    r = train(tmp_path, 'diverge', '--init_from=resume', f'--dataset={char_data}', f'--max_iters={3 * N}',
+              '--eval_interval=1000', '--learning_rate=1e30', '--decay_lr=False', '--dropout=0.1',
+              '--on_nonfinite=skip')
+    assert re.search(rf'^iter {stop}: loss is (nan|inf), optimizer step skipped', r.stdout, re.M)
+    assert digest(tmp_path / 'diverge' / 'ckpt.pt') == good  # a nan model is never saved
+
+
+def test_asking_for_another_attention_than_the_checkpoints_is_an_error(first_run, char_data, tmp_path):
+    out, _ = first_run
+    r = train(tmp_path, 'x', f'--init_from={out}', f'--dataset={char_data}', '--attention=inattention',
+              expect_ok=False)
+    assert "attention='inattention' was asked for but" in one_line_error(r, 2)
+
+
+def test_dataset_with_more_tokens_than_the_checkpoint_is_an_error(first_run, tmp_path):
+    out, _ = first_run
+    bigger = write_char_dataset(tmp_path / 'bigger', 'ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz!' * 50)
+    r = train(tmp_path, 'x', f'--init_from={out}', f'--dataset={bigger}', expect_ok=False)
+    known = load(out)['model_args']['vocab_size']
+    assert re.search(rf'has 54 tokens but the model in .* knows only {known}:', one_line_error(r, 2))
+
+
+def test_unprepared_dataset_folder_is_an_error(tmp_path):
+    r = train(tmp_path, 'x', f'--dataset={tmp_path}/nothing_here', expect_ok=False)
+    assert 'no prepared dataset in' in one_line_error(r, 2)
+
+
+def test_ddp_on_two_cpu_processes(char_data, tmp_path):
+    # torchrun with the gloo backend: gradient accumulation is split between the processes, only rank 0 logs and saves
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(REPO / 'train.py'), *TINY, '--gradient_accumulation_steps=2', f'--dataset={char_data}',
+                        '--max_iters=2', '--eval_interval=2', '--out_dir=ddp'],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count('step 2: train loss') == 1 and r.stdout.count('number of parameters') == 1
+    assert 'tokens per iteration will be: 256' in r.stdout  # 2 processes x 1 micro-batch x 4 x 32 tokens
+    assert load(tmp_path / 'ddp')['iter_num'] == 2
