@@ -1,0 +1,478 @@
+"""
+Memory and speed of every attention variant against context length T:
+
+  state    decoding-state bytes after a T-token prompt: measured (cache.nbytes()) beside the formula
+  prefill  peak memory of reading a T-token prompt and producing the first new token (weights excluded)
+  decode   decode tokens/s at context T, and prefill tokens/s
+  train    peak memory and tokens/s of one forward+backward step (gradients included)
+  budget   the longest context whose inference fits in --budget: a linear extrapolation of prefill peak vs T
+
+$ python bench_vram.py --preset tiny --contexts 256,1024 --mode state,prefill,decode,train
+$ python bench_vram.py --preset gpt2 --contexts 1024,4096,32768 --mode state,prefill --plot vram.png
+
+Every cell (variant, T, inference or training) runs in a fresh process with a memory limit and a timeout, so an
+out-of-memory or hung cell is reported as OOM / timeout and the rest go on. Weights are random: memory and
+speed do not depend on what the model learned.
+
+Memory on CUDA: torch.cuda.max_memory_allocated above what was allocated before the step. On CPU the same
+quantity is counted by Tracker: the bytes of tensor storages created during the step and still alive, peak
+over the step (fused kernels' internal scratch buffers are not tensors and are not seen). A second, coarser
+figure: the peak RSS of the cell's process (ru_maxrss) above its RSS when the step starts, model built and
+warmed up (the peak count is reset then); it includes allocator slack and freed memory not yet returned.
+"""
+
+import argparse
+import csv
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import resource
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from tqdm import tqdm
+
+from model import ATTENTIONS, GPT, CausalSelfAttention, GPTConfig, InAttention
+
+PRESETS = {
+    'tiny': dict(n_layer=2, n_head=2, n_embd=64, vocab_size=65),
+    'small': dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65),
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304),
+}
+MODES = ('state', 'prefill', 'decode', 'train')
+DECODE_STEPS = 8  # timed decode steps after one warm-up step
+
+
+def variants():
+    """Every registered attention class, plus the ablation rows: name -> GPTConfig overrides."""
+    out = {}
+    for name, cls in ATTENTIONS.items():
+        # GPT-2's two attentions need its learned position table; later classes carry position themselves
+        # (a decay, RoPE inside segments) and have no length limit, unless they say so in a `pos_emb` attribute
+        pos_emb = getattr(cls, 'pos_emb', 'learned' if cls in (CausalSelfAttention, InAttention) else 'none')
+        out[name] = dict(attention=name, pos_emb=pos_emb)
+        if name == 'causal':  # the quadratic baseline: the T x T attention matrix in memory
+            out['causal-materialised'] = dict(out[name], sdpa=False)
+        if name == 'inattention':  # the two decoding caches: initial states s (default) or per-layer K/V
+            out[name]['inattn_cache'] = 's'
+            out['inattention-kv'] = dict(out[name], inattn_cache='kv')
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring memory
+
+class Tracker(TorchDispatchMode):
+    """CPU analogue of torch.cuda.max_memory_allocated: sees every aten op's outputs, counts each storage that
+    the op created (a view or an in-place result shares an input's storage and adds nothing) and subtracts it
+    when the storage is freed. Storages that existed before the tracker started are never counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.current, self.peak, self.size = 0, 0, {}  # size: storage id -> bytes counted for it
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        for t in tree_flatten(out)[0]:
+            if not torch.is_tensor(t):
+                continue
+            storage = t.untyped_storage()
+            key, n = storage._cdata, storage.nbytes()  # _cdata: address of the C++ StorageImpl, its identity
+            if key in self.size:  # seen before; only a resize_ changes its bytes
+                self.current += n - self.size[key]
+                self.size[key] = n
+            elif key not in inputs:  # a new storage: alive until its Python object (kept by C++) dies
+                self.size[key] = n
+                self.current += n
+                weakref.finalize(storage, self.free, key)
+            self.peak = max(self.peak, self.current)
+        return out
+
+    def free(self, key):
+        self.current -= self.size.pop(key)
+
+
+class CudaPeak:
+    """The same interface on CUDA, from the caching allocator's own statistics."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() - self.base
+
+
+def max_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def limit_address_space(nbytes):
+    """Cap this process's virtual memory at its current size + nbytes: a bigger allocation then fails at once
+    with an error (reported as OOM) instead of swapping or waking the kernel's OOM killer."""
+    with open('/proc/self/statm') as f:
+        vm_size = int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size + nbytes, resource.RLIM_INFINITY))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One cell, in its own process
+
+def measure(spec):
+    """Build the model of one cell and yield (mode, numbers) for each mode as soon as it is measured."""
+    torch.manual_seed(0)
+    if spec['threads']:
+        torch.set_num_threads(spec['threads'])
+    device, dtype, T = spec['device'], getattr(torch, spec['dtype']), spec['T']
+    cuda = device == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = GPT(GPTConfig(**spec['config'])).to(device, dtype)
+    weights = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))  # tied weights once
+    yield 'weights', weights
+    B = spec['batch'] if spec['kind'] == 'train' else 1
+    x, y = (torch.randint(model.config.vocab_size, (B, T), device=device) for _ in range(2))
+
+    def step(x, y):  # one training step
+        model.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+    # warm up on 16 tokens: the first call of a kernel maps its code and starts threads, which the RSS figure
+    # and the timings should not include (two chunks of 8 where the prompt is chunked: both attention paths)
+    model.train(spec['kind'] == 'train')
+    if spec['kind'] == 'train':
+        step(x[:1, :16], y[:1, :16])
+    else:
+        cache = model.new_cache()
+        model.prefill(x[:, :16], cache, spec['chunk'] and 8)
+        with torch.no_grad():
+            model(x[:, :1], cache=cache)
+    if not cuda:
+        limit_address_space(spec['mem_limit'])
+    with open('/proc/self/clear_refs', 'w') as f:  # Linux: restart the peak-RSS count from the RSS of now
+        f.write('5')
+    rss0, meter = max_rss(), (CudaPeak if cuda else Tracker)
+    if spec['kind'] == 'train':
+        with meter() as m:  # the measured step is also the warm-up of the timed one
+            step(x, y)
+        rss = max_rss() - rss0
+        sync(); t0 = time.perf_counter()
+        step(x, y)
+        sync(); dt = time.perf_counter() - t0
+        yield 'train', dict(peak_bytes=m.peak, rss_bytes=rss, tok_s=B * T / dt)
+        return
+    if {'state', 'prefill'} & set(spec['modes']):
+        cache = model.new_cache()
+        with meter() as m:
+            model.prefill(x, cache, spec['chunk']).argmax(-1)  # prefill and the first new token
+        if 'prefill' in spec['modes']:
+            yield 'prefill', dict(peak_bytes=m.peak, rss_bytes=max_rss() - rss0)
+        if 'state' in spec['modes']:
+            yield 'state', dict(state_bytes=cache.nbytes(), formula_bytes=model.decode_state_bytes(T, dtype))
+        del cache
+    if 'decode' in spec['modes']:  # timed without the tracker, which costs Python time per op
+        cache = model.new_cache()
+        sync(); t0 = time.perf_counter()
+        logits = model.prefill(x, cache, spec['chunk'])
+        sync(); t_prefill = time.perf_counter() - t0
+        with torch.no_grad():
+            logits, _ = model(logits.argmax(-1), cache=cache)  # warm-up step
+            sync(); t0 = time.perf_counter()
+            for _ in range(DECODE_STEPS):
+                logits, _ = model(logits.argmax(-1), cache=cache)  # greedy: (B, 1, V) -> (B, 1)
+            sync(); t_decode = time.perf_counter() - t0
+        yield 'decode', dict(decode_tok_s=DECODE_STEPS / t_decode, prefill_tok_s=T / t_prefill)
+
+
+def is_oom(e):
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or bool(
+        re.search(r"not enough memory|can't allocate memory|out of memory", str(e), re.I))
+
+
+def cell_main(spec, conn):
+    """Child process: send each result as it comes, then 'done' or the failure."""
+    try:
+        for mode, numbers in measure(spec):
+            conn.send((mode, numbers))
+        conn.send(('done', None))
+    except BaseException as e:  # MemoryError included: report it, the parent goes on
+        conn.send(('OOM' if is_oom(e) else 'error', f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+
+
+def run_cell(spec, timeout):
+    """Run one cell in a fresh process; return ({mode: numbers}, status, message)."""
+    ctx = mp.get_context('forkserver')  # a fresh process forked from a server that has torch imported already
+    ctx.set_forkserver_preload(['torch', 'torch._dynamo'])  # a TorchDispatchMode imports dynamo: 1.5 s a cell
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=cell_main, args=(spec, send), daemon=True)
+    p.start()
+    send.close()
+    results, status, message = {}, None, ''
+    deadline = time.monotonic() + timeout
+    while status is None:
+        if not recv.poll(max(0.0, deadline - time.monotonic())):
+            p.kill()
+            status, message = 'timeout', f"no result within --timeout {timeout:g} s"
+            break
+        try:
+            key, value = recv.recv()
+        except EOFError:  # died without a word: a signal (e.g. the kernel's OOM killer) or a crash
+            p.join()
+            status, message = 'error', f"the cell's process died (exit code {p.exitcode})"
+            break
+        if key in ('done', 'OOM', 'error'):
+            status, message = ('ok' if key == 'done' else key), value or ''
+        else:
+            results[key] = value
+    p.join()
+    recv.close()
+    return results, status, message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark: cells, tables, files
+
+def parse_bytes(s):
+    """'24GiB' -> 24 * 1024**3, '500MB' -> 500 * 1000**2, '1000' -> 1000."""
+    m = re.fullmatch(r'\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*', s, re.I)
+    if not m or m.group(1).count('.') > 1:
+        raise argparse.ArgumentTypeError(f"cannot read {s!r} as a size; write e.g. 24GiB, 500MB or 1000000")
+    scale = (1024 if m.group(3) else 1000) ** ('_KMGT'.index(m.group(2).upper()) if m.group(2) else 0)
+    return int(float(m.group(1)) * scale)
+
+
+def fmt_bytes(n):
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if abs(n) < 1024 or unit == 'GiB':
+            return f"{n:.0f} {unit}" if unit == 'B' else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def fmt_rate(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+# per mode: (column title, key in the numbers, formatter)
+COLUMNS = {
+    'state': [('measured', 'state_bytes', fmt_bytes), ('formula', 'formula_bytes', fmt_bytes)],
+    'prefill': [('peak', 'peak_bytes', fmt_bytes), ('RSS', 'rss_bytes', fmt_bytes)],
+    'decode': [('decode tok/s', 'decode_tok_s', fmt_rate), ('prefill tok/s', 'prefill_tok_s', fmt_rate)],
+    'train': [('peak', 'peak_bytes', fmt_bytes), ('tok/s', 'tok_s', fmt_rate)],
+}
+TITLES = {
+    'state': "decoding state after a T-token prompt: measured cache.nbytes() | model.decode_state_bytes(T)",
+    'prefill': "prefill + first token: peak memory above the weights | peak RSS above the RSS before the prefill",
+    'decode': f"decode tokens/s ({DECODE_STEPS} steps after the prompt) | prefill tokens/s",
+    'train': "one forward+backward step: peak memory above the weights (gradients included) | tokens/s",
+}
+
+
+def markdown_table(mode, names, contexts, cells):
+    cols = COLUMNS[mode]
+    head = ['T'] + (['batch'] if mode == 'train' else []) + [f"{v}: {c[0]}" for v in names for c in cols]
+    lines = [f"\n### {mode}: {TITLES[mode]}\n", '| ' + ' | '.join(head) + ' |', '|' + '---:|' * len(head)]
+    for T in contexts:
+        row = [str(T)]
+        if mode == 'train':
+            row.append(str(cells[(names[0], T, mode)]['batch']))
+        for v in names:
+            c = cells.get((v, T, mode), {})
+            row += [c['status'] if c.get('status') != 'ok' else f(c[key]) for _, key, f in cols]
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def budget_table(names, contexts, cells, weights, budget):
+    """Least-squares line peak(T) = a + b·T through the measured prefill peaks, solved for weights + a + b·T =
+    budget. An extrapolation: it is exact only where memory really is linear in T (not the T×T baseline)."""
+    lines = [f"\n### budget: longest context whose inference fits in {fmt_bytes(budget)} (weights + prefill "
+             f"peak), extrapolated linearly from the measured points\n",
+             '| variant | weights | per token | fixed | measured points | longest T (extrapolated) |',
+             '|---|---:|---:|---:|---:|---:|']
+    fits = {}
+    for v in names:
+        pts = [(T, cells[(v, T, 'prefill')]['peak_bytes']) for T in contexts
+               if cells.get((v, T, 'prefill'), {}).get('status') == 'ok']
+        if not pts or v not in weights:
+            lines.append(f"| {v} | | | | 0 | no measurement |")
+            continue
+        n, st, sm = len(pts), sum(T for T, _ in pts), sum(m for _, m in pts)
+        if n == 1:  # one point: a line through the origin
+            b, a = pts[0][1] / pts[0][0], 0.0
+        else:
+            b = (n * sum(T * m for T, m in pts) - st * sm) / (n * sum(T * T for T, _ in pts) - st * st)
+            a = (sm - b * st) / n
+        longest = math.floor((budget - weights[v] - a) / b) if b > 0 else None
+        fits[v] = dict(bytes_per_token=b, fixed_bytes=a, weights_bytes=weights[v], longest_T=longest, points=n)
+        shown = 'no growth measured' if longest is None else ('weights alone do not fit' if longest < 1
+                                                               else f"{longest:,}")
+        lines.append(f"| {v} | {fmt_bytes(weights[v])} | {fmt_bytes(b)} | {fmt_bytes(a)} | {n} | {shown} |")
+    return '\n'.join(lines), fits
+
+
+def write_atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'w', newline='') as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def plot(path, names, contexts, cells):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (mode, key, title) in zip(axes, [('prefill', 'peak_bytes', 'prefill peak memory (weights excluded)'),
+                                             ('state', 'state_bytes', 'decoding state (measured)')]):
+        for v in names:
+            pts = [(T, cells[(v, T, mode)][key] / 2**20) for T in contexts
+                   if cells.get((v, T, mode), {}).get('status') == 'ok']
+            failed = [f"{cells[(v, T, mode)]['status']} at {T}" for T in contexts
+                      if cells.get((v, T, mode), {}).get('status', 'ok') != 'ok']
+            if pts:
+                ax.plot(*zip(*pts), marker='o', label=v + (f" ({', '.join(failed)})" if failed else ''))
+        ax.set(xscale='log', yscale='log', xlabel='context T (tokens)', ylabel='MiB', title=title)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format='png', dpi=120)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    names = list(variants())
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('--preset', choices=PRESETS, default='tiny')
+    p.add_argument('--variants', default=','.join(names), help=f"comma-separated among: {', '.join(names)}")
+    p.add_argument('--contexts', default='1024,4096', help="comma-separated prompt lengths T")
+    p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], help="default: float32 on cpu, bfloat16 "
+                   "on cuda")
+    p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    p.add_argument('--mode', default='state,prefill', help=f"comma-separated among: {', '.join(MODES)}")
+    p.add_argument('--budget', type=parse_bytes, default='24GiB', help="memory to fit inference in (budget table)")
+    p.add_argument('--mem_limit', type=parse_bytes, help="CPU: a cell allocating more is OOM (default: the smaller "
+                   "of --budget and 3/4 of the memory available now)")
+    p.add_argument('--timeout', type=float, default=3600, help="seconds per cell (model build included)")
+    p.add_argument('--prefill_chunk', type=int, default=1024, help="prompt chunk of InAttention's 's' cache "
+                   "(linear-memory prefill); 0 = whole prompt")
+    p.add_argument('--baseline_chunk', type=int, default=0, help="prompt chunk of every other variant "
+                   "(default 0: the whole prompt at once, as a normal model does)")
+    p.add_argument('--tokens_per_step', type=int, default=0, help="train: batch = tokens_per_step // T, the same "
+                   "tokens per step at every T (default: batch 1)")
+    p.add_argument('--threads', type=int, help="CPU threads per cell (default: 1 for tiny and small, whose "
+                   "matmuls are too small to gain from threads, torch's default of one per core for gpt2)")
+    p.add_argument('--json')
+    p.add_argument('--csv')
+    p.add_argument('--plot', help="PNG of prefill peak and state bytes vs T (needs matplotlib)")
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    args.mode = [m.strip() for m in args.mode.split(',') if m.strip()]
+    bad = [v for v in args.variants if v not in names] + [m for m in args.mode if m not in MODES]
+    if bad:
+        p.error(f"unknown variant or mode {', '.join(bad)}; variants: {', '.join(names)}; modes: {', '.join(MODES)}")
+    try:
+        args.contexts = sorted({int(t) for t in args.contexts.split(',')})
+    except ValueError:
+        p.error(f"--contexts {args.contexts!r}: write comma-separated integers, e.g. 1024,4096")
+    if min(args.contexts) <= 0 or args.prefill_chunk < 0 or args.baseline_chunk < 0 or args.timeout <= 0:
+        p.error("contexts and --timeout must be positive, chunks >= 0")
+    if 'train' in args.mode and 0 < args.tokens_per_step < max(args.contexts):
+        p.error(f"--tokens_per_step {args.tokens_per_step} is below the longest context {max(args.contexts)}: "
+                f"raise it to at least that")
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device; use --device cpu")
+    for path in (args.json, args.csv, args.plot):  # fail now, not after hours of measuring
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"cannot write {path}: its folder does not exist")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install matplotlib")
+    args.threads = args.threads if args.threads is not None else (0 if args.preset == 'gpt2' else 1)
+    args.dtype = args.dtype or ('bfloat16' if args.device == 'cuda' else 'float32')
+    if args.mem_limit is None:
+        with open('/proc/meminfo') as f:
+            available = int(re.search(r'MemAvailable:\s+(\d+) kB', f.read()).group(1)) * 1024
+        args.mem_limit = min(args.budget, available * 3 // 4)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configs = variants()
+    block_size = max(args.contexts) + DECODE_STEPS + 1  # learned positions: room for the prompt and the decoding
+    specs, inference = [], [m for m in args.mode if m != 'train']
+    for T in args.contexts:
+        for v in args.variants:
+            cfg = dict(PRESETS[args.preset], block_size=block_size, dropout=0.0, **configs[v])
+            linear_prefill = cfg['attention'] == 'inattention' and cfg.get('inattn_cache') == 's'
+            chunk = (args.prefill_chunk if linear_prefill else args.baseline_chunk) or None
+            base = dict(variant=v, T=T, config=cfg, device=args.device, dtype=args.dtype, chunk=chunk,
+                        mem_limit=args.mem_limit, threads=args.threads)
+            if inference:
+                specs.append(dict(base, kind='inference', modes=inference))
+            if 'train' in args.mode:
+                specs.append(dict(base, kind='train', modes=['train'], batch=max(1, args.tokens_per_step // T)))
+
+    print(f"# bench_vram: preset {args.preset}, {args.dtype} on {args.device}, contexts {args.contexts}\n\n"
+          f"Memory: {'torch.cuda.max_memory_allocated' if args.device == 'cuda' else 'live tensor storages (Tracker)'}"
+          f" above the weights; RSS: the cell's peak resident set above its RSS when the step starts (model built)."
+          f"\nPrefill chunk: {args.prefill_chunk or 'whole prompt'} for InAttention's 's' cache, "
+          f"{args.baseline_chunk or 'whole prompt'} for the others. Each cell: its own process, timeout "
+          f"{args.timeout:g} s" + (f", memory limit {fmt_bytes(args.mem_limit)}." if args.device == 'cpu' else "."))
+    cells, weights, failures = {}, {}, []
+    bar = tqdm(specs, desc='cells', unit='cell')
+    for spec in bar:
+        bar.set_postfix_str(f"{spec['variant']} T={spec['T']} {spec['kind']}")
+        t0 = time.monotonic()
+        results, status, message = run_cell(spec, args.timeout)
+        seconds = time.monotonic() - t0
+        if 'weights' in results:
+            weights[spec['variant']] = results.pop('weights')
+        extra = {'batch': spec['batch']} if spec['kind'] == 'train' else {}
+        for mode in spec['modes']:
+            c = dict(results[mode], status='ok') if mode in results else dict(status=status, message=message)
+            cells[(spec['variant'], spec['T'], mode)] = dict(c, cell_seconds=seconds, **extra)
+        if status != 'ok':
+            failures.append(f"{spec['variant']} T={spec['T']} {spec['kind']}: {status}: {message}")
+
+    print("\nWeights (reported separately): " + ', '.join(f"{v} {fmt_bytes(n)}" for v, n in weights.items()))
+    for mode in MODES:
+        if mode in args.mode:
+            print(markdown_table(mode, args.variants, args.contexts, cells))
+    mismatch = [f"{v} T={T}: measured {c['state_bytes']} B, formula {c['formula_bytes']} B" for (v, T, m), c in
+                cells.items() if m == 'state' and c['status'] == 'ok' and c['state_bytes'] != c['formula_bytes']]
+    if mismatch:
+        print("\nstate: measured differs from the formula: " + '; '.join(mismatch))
+    fits = {}
+    if 'prefill' in args.mode:
+        text, fits = budget_table(args.variants, args.contexts, cells, weights, args.budget)
+        print(text)
+    if failures:
+        print("\nFailed cells:\n" + '\n'.join(f"- {f}" for f in failures))
+
+    rows = [dict(variant=v, T=T, mode=m, **c) for (v, T, m), c in cells.items()]
+    if args.json:
+        run = dict(args=vars(args), weights_bytes=weights, budget=fits, cells=rows)
+        write_atomic(args.json, lambda f: json.dump(run, f, indent=1))
+    if args.csv:
+        fields = ['variant', 'T', 'mode', 'status'] + sorted({k for r in rows for k in r} - {'variant', 'T', 'mode',
+                                                                                          'status'})
+        write_atomic(args.csv, lambda f: (w := csv.DictWriter(f, fields), w.writeheader(), w.writerows(rows)))
+    if args.plot:
+        plot(args.plot, args.variants, args.contexts, cells)
+    return cells
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,92 @@
+"""bench_vram.py: the CPU memory tracker is exact, every variant's measured decoding state equals the formula,
+and a cell that runs out of memory or time is reported as such while the others complete."""
+import csv
+import json
+
+import pytest
+import torch
+
+import bench_vram
+from bench_vram import Tracker
+
+MiB = 2**20
+
+
+def test_tracker_is_exact_on_known_allocations():
+    before = torch.zeros(8 * MiB, dtype=torch.uint8)  # made before the tracker: never counted
+    with Tracker() as t:
+        a = torch.empty(MiB, dtype=torch.uint8)
+        b = torch.empty(3 * MiB, dtype=torch.uint8)
+        assert (t.current, t.peak) == (4 * MiB, 4 * MiB)
+        views = [b[1:], b.view(torch.float32), b.view(3, MiB), b.view(3, MiB).t(), b.split(MiB)[1]]
+        b.add_(1), a.mul_(2), before.add_(1), before[:10].zero_()  # in place, also on an older tensor
+        assert t.current == 4 * MiB  # views and in-place results add nothing
+        del b
+        assert t.current == 4 * MiB  # the views still hold b's storage
+        del views
+        assert t.current == MiB
+        c = torch.empty(2 * MiB, dtype=torch.uint8)
+        assert (t.current, t.peak) == (3 * MiB, 4 * MiB)
+        d = a.float()  # 1 Mi elements of 4 bytes
+        assert (t.current, t.peak) == (7 * MiB, 7 * MiB)
+        del a, c, d, before  # freeing the older tensor does not go below zero
+        assert (t.current, t.peak) == (0, 7 * MiB)
+
+
+def test_tracker_counts_the_backward_pass():
+    x = torch.randn(256, 256, requires_grad=True)  # 256 KiB, made before the tracker
+    with Tracker() as t:
+        y = (x * 2).sum()  # x * 2 is not saved for backward: freed at once, the scalar y stays
+        assert t.current == 4
+        y.backward()
+        assert t.current == 4 + x.grad.nbytes  # the gradient is allocated inside the tracked region
+        x.grad = None
+        assert t.current == 4
+
+
+def test_tiny_run_of_every_variant_state_equals_formula(tmp_path, capsys):
+    out_json, out_csv = tmp_path / 'bench.json', tmp_path / 'bench.csv'
+    bench_vram.main(['--preset', 'tiny', '--contexts', '32,64', '--mode', 'state,prefill',
+                     '--json', str(out_json), '--csv', str(out_csv)])
+    run = json.loads(out_json.read_text())
+    names = list(bench_vram.variants())
+    assert set(bench_vram.ATTENTIONS) <= set(names)  # every registered class, plus the ablation rows
+    assert {c['variant'] for c in run['cells']} == set(names) and len(run['cells']) == 2 * 2 * len(names)
+    cells = {(c['variant'], c['T'], c['mode']): c for c in run['cells']}
+    for (v, T, mode), c in cells.items():
+        assert c['status'] == 'ok', (v, T, c)
+        if mode == 'state':
+            assert c['state_bytes'] == c['formula_bytes'] > 0
+            assert cells[(v, T, 'prefill')]['peak_bytes'] >= c['state_bytes']  # the state is alive at the peak
+    for T in (32, 64):  # InAttention keeps d numbers per token instead of 2·L·d (tiny: L = 2)
+        state = {v: cells[(v, T, 'state')]['state_bytes'] for v in names}
+        assert state['causal'] == 2 * 2 * 64 * 4 * T
+        assert state['inattention'] * 4 == state['causal'] == state['inattention-kv']
+    with open(out_csv) as f:
+        assert len(list(csv.DictReader(f))) == len(run['cells'])
+    text = capsys.readouterr().out
+    assert '### state' in text and '### budget' in text and '\n| 64 |' in text
+
+
+def test_out_of_memory_cell_is_reported_and_the_others_complete(capsys):
+    # the T x T attention of 65536 tokens needs 32 GiB: under a 1 GiB limit it fails at once, cleanly
+    cells = bench_vram.main(['--preset', 'tiny', '--variants', 'causal-materialised', '--contexts', '64,65536',
+                             '--mode', 'state', '--mem_limit', '1GiB'])
+    assert cells[('causal-materialised', 65536, 'state')]['status'] == 'OOM'
+    assert cells[('causal-materialised', 64, 'state')]['status'] == 'ok'
+    assert '| 65536 | OOM | OOM |' in capsys.readouterr().out
+
+
+def test_timeout_cell_is_reported():
+    cells = bench_vram.main(['--preset', 'tiny', '--variants', 'causal-materialised', '--contexts', '4096',
+                             '--mode', 'prefill', '--timeout', '0.01'])
+    assert cells[('causal-materialised', 4096, 'prefill')]['status'] == 'timeout'
+
+
+@pytest.mark.parametrize('argv', [['--variants', 'nope'], ['--mode', 'speed'], ['--contexts', '1k'],
+                                  ['--budget', 'lots'], ['--mode', 'train', '--tokens_per_step', '10']])
+def test_bad_input_is_one_clear_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_vram.parse_args(argv)
+    assert e.value.code == 2
+    assert 'error:' in capsys.readouterr().err
