@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -61,14 +62,12 @@ def attend(q, k, v, dropout_p=0.0, sdpa=True):
     positions of the Tk keys (mask aligned bottom-right), so the same call serves training, chunked prefill and
     one-token decode."""
     Tq, Tk = q.size(-2), k.size(-2)
-    mask = None if Tq == 1 else torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    if sdpa:
-        if Tq == Tk:  # the training case: let SDPA pick its fused causal kernel
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if sdpa:  # causal_lower_right: query i sees keys 0..Tk-Tq+i; SDPA builds no mask where its kernels need none
+        mask = None if Tq == 1 else causal_lower_right(Tq, Tk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, Tq, Tk): the quadratic baseline
-    if mask is not None:
-        att = att.masked_fill(~mask, float('-inf'))
+    if Tq > 1:
+        att = att.masked_fill(~torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq), float('-inf'))
     att = F.dropout(F.softmax(att, dim=-1), p=dropout_p, training=dropout_p > 0)
     return att @ v
 
