@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import attn_lightning  # noqa: F401  # staging: removed when merged into model.py
 from model import GPT, GPTConfig
 
 
