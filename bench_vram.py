@@ -3,7 +3,7 @@ Memory and speed of every attention variant against context length T:
 
   state    decoding-state bytes after a T-token prompt: measured (cache.nbytes()) beside the formula
   prefill  peak memory of reading a T-token prompt and producing the first new token (weights excluded)
-  decode   decode tokens/s at context T, and prefill tokens/s
+  decode   decode tokens/s at context T with the cache and without it (recomputing the context), prefill tokens/s
   train    peak memory and tokens/s of one forward+backward step (gradients included)
   budget   the longest context whose inference fits in --budget: a linear extrapolation of prefill peak vs T
 
@@ -45,7 +45,7 @@ PRESETS = {
     'gpt2': dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304),
 }
 MODES = ('state', 'prefill', 'decode', 'train')
-DECODE_STEPS = 8  # timed decode steps after one warm-up step
+DECODE_STEPS = 16  # timed decode steps after one warm-up step
 
 
 def variants():
@@ -189,7 +189,14 @@ def measure(spec):
             for _ in range(DECODE_STEPS):
                 logits, _ = model(logits.argmax(-1), cache=cache)  # greedy: (B, 1, V) -> (B, 1)
             sync(); t_decode = time.perf_counter() - t0
-        yield 'decode', dict(decode_tok_s=DECODE_STEPS / t_decode, prefill_tok_s=T / t_prefill)
+            t_recompute = float('inf')
+            for _ in range(3):  # no cache: what each new token costs when the whole context is recomputed (best of 3)
+                sync(); t0 = time.perf_counter()
+                model(x)
+                sync(); t_recompute = min(t_recompute, time.perf_counter() - t0)
+        decode_tok_s = DECODE_STEPS / t_decode
+        yield 'decode', dict(decode_tok_s=decode_tok_s, prefill_tok_s=T / t_prefill, recompute_tok_s=1 / t_recompute,
+                             cache_speedup=decode_tok_s * t_recompute)
 
 
 def is_oom(e):
@@ -264,13 +271,15 @@ def fmt_rate(x):
 COLUMNS = {
     'state': [('measured', 'state_bytes', fmt_bytes), ('formula', 'formula_bytes', fmt_bytes)],
     'prefill': [('peak', 'peak_bytes', fmt_bytes), ('RSS', 'rss_bytes', fmt_bytes)],
-    'decode': [('decode tok/s', 'decode_tok_s', fmt_rate), ('prefill tok/s', 'prefill_tok_s', fmt_rate)],
+    'decode': [('decode tok/s', 'decode_tok_s', fmt_rate), ('uncached tok/s', 'recompute_tok_s', fmt_rate),
+               ('cache speed-up', 'cache_speedup', lambda x: f"{x:.1f}x"), ('prefill tok/s', 'prefill_tok_s', fmt_rate)],
     'train': [('peak', 'peak_bytes', fmt_bytes), ('tok/s', 'tok_s', fmt_rate)],
 }
 TITLES = {
     'state': "decoding state after a T-token prompt: measured cache.nbytes() | model.decode_state_bytes(T)",
     'prefill': "prefill + first token: peak memory above the weights | peak RSS above the RSS before the prefill",
-    'decode': f"decode tokens/s ({DECODE_STEPS} steps after the prompt) | prefill tokens/s",
+    'decode': f"decode tokens/s with the cache ({DECODE_STEPS} steps after the prompt) | without it (the whole "
+              f"context recomputed per token) | their ratio | prefill tokens/s",
     'train': "one forward+backward step: peak memory above the weights (gradients included) | tokens/s",
 }
 

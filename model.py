@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -57,17 +56,22 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def causal_mask(Tq, Tk, device):
+    """(Tq, Tk) bool, True where query i (the (Tk-Tq+i)-th position) may see key j: j <= Tk - Tq + i."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)
+
+
 def attend(q, k, v, dropout_p=0.0, sdpa=True):
     """softmax(q kᵀ / sqrt(hd) + mask) v for q (B,H,Tq,hd), k, v (B,H,Tk,hd); the queries are the *last* Tq
     positions of the Tk keys (mask aligned bottom-right), so the same call serves training, chunked prefill and
     one-token decode."""
     Tq, Tk = q.size(-2), k.size(-2)
-    if sdpa:  # causal_lower_right: query i sees keys 0..Tk-Tq+i; SDPA builds no mask where its kernels need none
-        mask = None if Tq == 1 else causal_lower_right(Tq, Tk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if sdpa:  # SDPA's own causal kernel for a square, no mask for one query, a mask only for a prefill chunk
+        mask = None if Tq in (1, Tk) else causal_mask(Tq, Tk, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=Tq == Tk > 1)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, Tq, Tk): the quadratic baseline
     if Tq > 1:
-        att = att.masked_fill(~torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq), float('-inf'))
+        att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
     att = F.dropout(F.softmax(att, dim=-1), p=dropout_p, training=dropout_p > 0)
     return att @ v
 
