@@ -1,17 +1,21 @@
 """
-One GPT, several attention mechanisms behind one flag (GPTConfig.attention):
+One GPT, four attention mechanisms behind one flag (GPTConfig.attention); everything else is GPT-2:
 
   'causal'       GPT-2 causal self-attention (the baseline). Decoding keeps K and V of every layer.
   'inattention'  InAttention (Eisner 2024): every layer's keys and values come from the *initial states*
                  s = ln_in(wte + wpe), so decoding keeps only s: d numbers per token for the whole model.
+  'lightning'    Lightning attention (Qin et al. 2024): linear attention with a fixed per-head decay, trained in
+                 blocks; decoding keeps one hd x hd state per head, whatever the length.
+  'infini'       Infini-attention (Munkhdalai et al. 2024): softmax attention inside segments of N tokens plus a
+                 compressive memory of the earlier segments; decoding keeps the memory and the current segment.
 
 Every attention class has the same interface, so an ablation changes exactly one thing:
   __init__(config, layer_idx)
   forward(x, s, cache) -> y   x: (B, T, C) the block's ln_1 output; s: (B, Tk, C) initial states (used by
                               InAttention only, None for the others); cache: this layer's decoding state (a dict
                               the class fills in) or None while training. Queries are the last T of Tk positions.
-  state_bytes(T, dtype) -> int   formula for this layer's decoding state after T tokens (batch 1)
-Register a new class in ATTENTIONS at the bottom of the attention section.
+  state_bytes(config, T, dtype) -> int   formula: bytes of this layer's decoding state after T tokens, batch 1
+Register a new class in ATTENTIONS, after the attention classes.
 
 References: nanoGPT (model layout, names, init), ../shared/REFERENCE.md (equations and choices).
 """
@@ -515,7 +519,8 @@ class GPT(nn.Module):
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model FLOPs utilisation: achieved FLOP/s over peak_flops (default: A100 bf16, 312 TFLOP/s).
-        FLOPs per token = 6N + 12·L·H·hd·T (PaLM appendix B), as for full softmax attention."""
+        FLOPs per token = 6N + 12·L·H·hd·T (PaLM appendix B), as for full softmax attention: the same count for
+        every variant, so it overstates the attention work of Lightning and Infini-attention at long T."""
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_iter = (6 * self.get_num_params() + 12 * L * H * Q * T) * T * fwdbwd_per_iter
