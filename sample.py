@@ -4,7 +4,9 @@ Sample from a trained model, printing the text as it is generated (nanoGPT's sam
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=200
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt --stats
 
-The text is decoded with the vocabulary saved in the checkpoint (characters, or GPT-2 BPE via tiktoken).
+The text is decoded with the vocabulary saved in the checkpoint (characters, or GPT-2 BPE via tiktoken). A
+prompt longer than the context of a model with learned positions is cut to its last block_size tokens (a note
+on stderr says so); characters outside a character vocabulary are an error.
 --stats adds decode and prefill speed, and the memory of the decoding state: the bytes a cache really holds
 after the final context, beside the model's formula for them.
 """
@@ -48,6 +50,33 @@ def train_command(out_dir):
     return f"python train.py config/train_shakespeare_char.py --out_dir={out_dir}"
 
 
+def load_checkpoint(path):
+    """The dict train.py saved at path; a truncated or foreign file stops with one line (and nothing is written)."""
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False)  # our file: it holds dicts too
+    except Exception as e:  # a truncated zip, random bytes, another pickle: the errors come in many types
+        die(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is truncated or was not written "
+            f"by train.py; use another checkpoint, or train again")
+    missing = [k for k in ('model', 'model_args', 'meta') if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        die(f"{path} is not a checkpoint of train.py: it has no {', '.join(missing)}; use a ckpt.pt that train.py "
+            f"wrote")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path, **override):
+    """The GPT a checkpoint holds, with some GPTConfig fields overridden (train.py: dropout and the other knobs
+    that do not change the weights); one that this model.py cannot build or load stops with one line."""
+    try:
+        model = GPT(GPTConfig(**dict(checkpoint['model_args'], **override)))
+        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # unknown fields, missing or misshapen weights
+        detail = ' '.join(str(e).split())[:200]  # load_state_dict's message spans many lines
+        die(f"{path} holds no GPT that this model.py can load ({type(e).__name__}: {detail}); use a checkpoint "
+            f"written by this version of train.py")
+    return model
+
+
 def load_model(init_from, out_dir):
     """-> (model, meta): a checkpoint of train.py and its vocabulary, or GPT-2 from Hugging Face with its BPE."""
     if init_from.startswith('gpt2') and not os.path.exists(init_from):
@@ -63,10 +92,8 @@ def load_model(init_from, out_dir):
     if not os.path.isfile(ckpt_path):
         die(f"no checkpoint at {ckpt_path}: train one first with `{train_command(os.path.dirname(ckpt_path))}`, "
             f"or pass --out_dir=FOLDER holding ckpt.pt")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)  # our file: it holds dicts too
-    model = GPT(GPTConfig(**checkpoint['model_args']))
-    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
-    return model, checkpoint['meta']
+    checkpoint = load_checkpoint(ckpt_path)
+    return model_from_checkpoint(checkpoint, ckpt_path), checkpoint['meta']
 
 
 def tokenizer(meta):
@@ -141,6 +168,8 @@ if __name__ == '__main__':
         die(f"num_samples={num_samples}: it must be at least 1", status=2)
     if temperature < 0:
         die(f"temperature={temperature}: use 0 (greedy) or more", status=2)
+    if top_k < 0:
+        die(f"top_k={top_k}: use 0 (all tokens) or more", status=2)
     if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
         die(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16", status=2)
     if start.startswith('FILE:'):
@@ -162,7 +191,12 @@ if __name__ == '__main__':
     model.eval()
     model.to(device)
     encode, decode_stream, empty_prompt = tokenizer(meta)
-    x = torch.tensor([encode(start or empty_prompt)], dtype=torch.long, device=device)  # (1, T)
+    ids = encode(start or empty_prompt)
+    if model.transformer.wpe is not None and len(ids) > model.config.block_size:  # learned positions: a bounded view
+        print(f"note: the prompt has {len(ids)} tokens, more than the model's context of {model.config.block_size}: "
+              f"it is generated from the last {model.config.block_size}", file=sys.stderr)
+        ids = ids[-model.config.block_size:]
+    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
 
     with torch.no_grad(), ctx:
         for k in range(num_samples):

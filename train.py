@@ -7,15 +7,17 @@ Train a GPT (model.py) on one CPU or GPU, or on several GPUs with DDP. nanoGPT's
 Every variable in the block below is a config key: set it in a config file or with --key=value (--help lists
 them). init_from chooses the start:
   'scratch'      a new model
-  'resume'       continue out_dir/ckpt.pt exactly: same iteration, optimizer state and random stream
+  'resume'       continue out_dir/ckpt.pt exactly: same iteration, weights and optimizer state
   a path         a checkpoint file (or a folder holding ckpt.pt): its weights start a new run at iteration 0,
                  e.g. to fine-tune at a larger block_size (the position table is extended with extend_method)
   'gpt2', ...    OpenAI's GPT-2 weights from Hugging Face ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+Each micro-batch (its data and its dropout masks) is a function of (seed, iteration, micro-step) alone, so a run
+is reproducible, a resumed run continues exactly like an uninterrupted one, and DDP over N processes computes
+the same steps as one process with the same gradient_accumulation_steps.
 """
 import math
 import os
 import pickle
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +31,8 @@ from tqdm import tqdm
 
 import prepare_data
 from configurator import configure_or_exit, die
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, check_config
+from sample import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 124M on OpenWebText (nanoGPT)
@@ -65,7 +68,8 @@ infini_segment = 64
 infini_update = 'linear'
 infini_memory = True
 infini_beta_lr = 1e-2
-extend_method = 'interpolate'  # how a checkpoint's position table grows to a larger block_size ('copy': tile)
+extend_method = 'interpolate'  # a checkpoint's position table grown to a larger block_size: 'interpolate',
+                               # 'copy' (tile the rows) or 'none' (stop with an error instead)
 # AdamW optimizer
 learning_rate = 6e-4
 max_iters = 600000  # optimizer steps
@@ -84,18 +88,35 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', '
 dtype = 'auto'  # 'float32' | 'bfloat16' | 'float16' (GradScaler); auto = bfloat16 where the GPU has it, else
                 # float16 on a GPU, float32 on a CPU
 compile = True  # torch.compile the model (PyTorch 2)
-seed = 1337
+seed = 1337  # the initial weights, and with (iteration, micro-step) the data and dropout of every micro-batch
 on_nonfinite = 'stop'  # a nan/inf loss: 'stop' (the last good checkpoint stays) or 'skip' that optimizer step
+check_sync = False  # DDP: after every step compare each parameter's checksum across the processes; stop if any differ
 peak_tflops = 312.0  # MFU is relative to this peak, per GPU: A100 bf16 dense by default
 # -----------------------------------------------------------------------------
 defaults = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 config = configure_or_exit(defaults, sys.argv[1:])
 globals().update(config)  # the overrides become the variables above (nanoGPT's configurator)
+# impossible settings stop here, before any data or model work
 choices = dict(dtype=('auto', 'float32', 'bfloat16', 'float16'), on_nonfinite=('stop', 'skip'),
-               extend_method=('interpolate', 'copy'), backend=('auto', 'nccl', 'gloo'))
+               extend_method=('interpolate', 'copy', 'none'), backend=('auto', 'nccl', 'gloo'))
 for key, valid in choices.items():
     if config[key] not in valid:
         die(f"{key}={config[key]!r} is not one of {', '.join(valid)}", status=2)
+for key in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'log_interval', 'eval_iters'):
+    if config[key] < 1:
+        die(f"{key}={config[key]} must be at least 1", status=2)
+for key in ('max_iters', 'seed', 'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'grad_clip'):
+    if config[key] < 0:
+        die(f"{key}={config[key]} must not be negative", status=2)
+if not 0 <= dropout < 1:
+    die(f"dropout={dropout} must be in [0, 1)", status=2)
+model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
+try:
+    check_config(GPTConfig(**model_args))  # e.g. n_embd divisible by n_head (vocab_size comes from the data later)
+except ValueError as e:
+    die(e, status=2)
+if device.startswith('cuda') and not torch.cuda.is_available():
+    die(f"device={device!r} but PyTorch sees no CUDA GPU: use --device=cpu (or mps on a Mac)", status=2)
 # -----------------------------------------------------------------------------
 
 # DDP: torchrun starts one process per GPU (or CPU worker) and tells it its RANK
@@ -123,13 +144,7 @@ def log(*args):
         print(*args)
 
 
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-if master_process:
-    print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
-torch.manual_seed(seed + ddp_rank)
-np.random.seed(seed + ddp_rank)
-random.seed(seed + ddp_rank)
+torch.manual_seed(seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
@@ -139,6 +154,39 @@ if dtype == 'float16' and device_type != 'cuda':
     die("dtype='float16' needs a CUDA GPU (it trains with a GradScaler): use float32 or bfloat16", status=2)
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# the checkpoint to start from, read and checked before the data: a wrong one is reported at once
+checkpoint = None
+from_gpt2 = init_from.startswith('gpt2') and not os.path.exists(init_from)
+position_table = 1024 if from_gpt2 else None  # rows of the learned position table we start from (GPT-2: 1024)
+if init_from != 'scratch' and not from_gpt2:
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
+    if os.path.isdir(ckpt_path):
+        ckpt_path = os.path.join(ckpt_path, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        die(f"init_from={init_from!r}: no checkpoint at {ckpt_path}; train one first, or use --init_from=scratch",
+            status=2)
+    checkpoint = load_checkpoint(ckpt_path)  # a truncated or foreign file stops here with one line
+    saved = checkpoint['model_args']
+    if init_from == 'resume' and not {'optimizer', 'scaler', 'iter_num', 'best_val_loss'} <= checkpoint.keys():
+        die(f"{ckpt_path} holds weights but no optimizer state, so it cannot be resumed: start a new run from it "
+            f"with --init_from={ckpt_path}", status=2)
+    # the checkpoint fixes the architecture (nanoGPT): a key left at its default takes the checkpoint's value, one
+    # set to another value is a mistake, not a wish to ignore. Not fixed: regularisation, implementation and
+    # evaluation knobs, and the vocabulary (checked against the data below); block_size: see below.
+    runtime_keys = ('dropout', 'sdpa', 'inattn_cache', 'lightning_block', 'infini_segment', 'infini_memory',
+                    'infini_beta_lr')
+    for k in model_args:
+        if k not in ('block_size', *runtime_keys) and config[k] != defaults[k] and config[k] != saved.get(k):
+            die(f"{k}={config[k]!r} was asked for but {ckpt_path} is a model with {k}={saved.get(k)!r}: drop the "
+                f"{k} override (the checkpoint fixes the architecture), or train from scratch", status=2)
+    if init_from == 'resume' and block_size != saved['block_size']:
+        die(f"resume continues the same run, but block_size={block_size} differs from the checkpoint's "
+            f"{saved['block_size']}: drop the override, or start a new run with --init_from={ckpt_path}", status=2)
+    position_table = saved['block_size'] if saved.get('pos_emb', 'learned') == 'learned' else None
+if position_table is not None and block_size > position_table and extend_method == 'none':
+    die(f"block_size={block_size} is past the {position_table} rows of the position table of {init_from}: use "
+        f"--extend_method=interpolate (or copy) to grow it, or block_size<={position_table}", status=2)
 
 # data: a dataset name is prepared on first use (by one process, while the others wait)
 repo = os.path.dirname(os.path.abspath(__file__))
@@ -164,6 +212,18 @@ for split in ('train', 'val'):
             f"block_size or more text", status=2)
 
 
+def vocabulary(meta):
+    """What a meta.pkl's ids mean, in words: a character table, or a BPE tokenizer."""
+    return f"{meta['vocab_size']} characters" if 'stoi' in meta else f"the {meta.get('tokenizer')} BPE"
+
+
+if checkpoint is not None or from_gpt2:  # the ids must mean what they meant when the weights were trained
+    trained_meta = checkpoint['meta'] if checkpoint is not None else {'vocab_size': 50257, 'tokenizer': 'r50k_base'}
+    if (meta.get('stoi'), meta.get('tokenizer')) != (trained_meta.get('stoi'), trained_meta.get('tokenizer')):
+        die(f"dataset {dataset!r} has another vocabulary ({vocabulary(meta)}) than the model of {init_from} was "
+            f"trained on ({vocabulary(trained_meta)}): use that model's dataset, or train from scratch", status=2)
+
+
 def get_batch(split, generator=None):
     """batch_size random windows of block_size tokens: inputs x and next-token targets y, both (B, T)."""
     # recreate np.memmap every batch to avoid a memory leak, as per https://stackoverflow.com/questions/45132940
@@ -176,20 +236,18 @@ def get_batch(split, generator=None):
     return x.to(device), y.to(device)
 
 
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+log(f"tokens per iteration will be: {tokens_per_iter:,}")
+
 # model: from scratch, from a checkpoint (resume or new run), or from GPT-2
 iter_num = 0
 best_val_loss = 1e9
-model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
 # GPT-2's 50257 tokens are padded to 50304 (a multiple of 64) for faster matmuls; a character vocabulary is kept
 model_args['vocab_size'] = meta['vocab_size'] if 'stoi' in meta else math.ceil(meta['vocab_size'] / 64) * 64
-# what a checkpoint does not fix: regularisation, implementation and evaluation knobs (block_size: see below)
-runtime_keys = ('block_size', 'dropout', 'sdpa', 'inattn_cache', 'lightning_block', 'infini_segment',
-                'infini_memory', 'infini_beta_lr')
-checkpoint = None
 if init_from == 'scratch':
     log("initializing a new model from scratch")
     model = GPT(GPTConfig(**model_args))
-elif init_from.startswith('gpt2') and not os.path.exists(init_from):
+elif from_gpt2:
     log(f"initializing from OpenAI GPT-2 weights: {init_from}")
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout, attention=attention))
@@ -197,36 +255,16 @@ elif init_from.startswith('gpt2') and not os.path.exists(init_from):
         die(f"could not load {init_from!r} from Hugging Face ({type(e).__name__}): it needs internet access once, "
             f"or a copy in the Hugging Face cache")
 else:
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
-    if os.path.isdir(ckpt_path):
-        ckpt_path = os.path.join(ckpt_path, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        die(f"init_from={init_from!r}: no checkpoint at {ckpt_path}; train one first, or use --init_from=scratch",
-            status=2)
     log(f"{'resuming' if init_from == 'resume' else 'initializing'} from {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)  # our file: RNG states, dicts
-    saved = checkpoint['model_args']
-    if attention != defaults['attention'] and attention != saved['attention']:
-        die(f"attention={attention!r} was asked for but {ckpt_path} is a {saved['attention']!r} model: drop the "
-            f"attention override, or train from scratch", status=2)
-    if init_from == 'resume' and block_size != saved['block_size']:
-        die(f"resume continues the same run, but block_size={block_size} differs from the checkpoint's "
-            f"{saved['block_size']}: drop the override, or start a new run with --init_from={ckpt_path}", status=2)
-    if meta['vocab_size'] > saved['vocab_size']:
-        die(f"dataset {dataset!r} has {meta['vocab_size']} tokens but the model in {ckpt_path} knows only "
-            f"{saved['vocab_size']}: use the dataset it was trained on, or train from scratch", status=2)
-    for k, v in saved.items():  # the checkpoint fixes the architecture (nanoGPT)
-        if k not in runtime_keys:
-            if k != 'vocab_size' and model_args[k] != v:
-                log(f"using the checkpoint's {k}={v!r} (config had {model_args[k]!r})")
-            model_args[k] = v
-    model_args['block_size'] = saved['block_size']  # the position table as saved; grown or cropped below
-    model = GPT(GPTConfig(**model_args))
-    state_dict = {k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()}  # torch.compile prefix
-    model.load_state_dict(state_dict)
+    for k, v in saved.items():
+        if k not in ('vocab_size', 'block_size', *runtime_keys) and model_args.get(k) != v:
+            log(f"using the checkpoint's {k}={v!r} (config had {model_args.get(k)!r})")
+    runtime = {k: model_args[k] for k in runtime_keys}
+    model = model_from_checkpoint(checkpoint, ckpt_path, **runtime)  # the position table as saved: grown below
 if block_size > model.config.block_size:
     log(f"extending block_size {model.config.block_size} -> {block_size} (extend_method={extend_method!r})")
-    model.extend_block_size(block_size, extend_method)
+    # extend_method='none' reaches this line only for a model without a position table: there is nothing to grow
+    model.extend_block_size(block_size, 'copy' if extend_method == 'none' else extend_method)
 elif block_size < model.config.block_size:
     log(f"cropping block_size {model.config.block_size} -> {block_size}")
     model.crop_block_size(block_size)
@@ -237,18 +275,13 @@ log(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    scaler.load_state_dict(checkpoint['scaler'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scaler.load_state_dict(checkpoint['scaler'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        die(f"{ckpt_path}: its optimizer state does not fit this model ({type(e).__name__}): start a new run from "
+            f"its weights with --init_from={ckpt_path}", status=2)
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    rng = checkpoint['rng']
-    if ddp:  # one state was saved (rank 0's): give every process its own stream again; exact for one process only
-        torch.manual_seed(seed + ddp_rank + ddp_world_size * iter_num)
-    else:  # the batches (and dropout masks) continue exactly where the saved run was
-        torch.set_rng_state(rng['torch'])
-        np.random.set_state(rng['numpy'])
-        random.setstate(rng['python'])
-        if device_type == 'cuda' and rng['cuda'] is not None:
-            torch.cuda.set_rng_state(rng['cuda'])
 checkpoint = None  # free up memory
 
 raw_model = model  # the plain module: what gets saved, without the prefixes of torch.compile and DDP
@@ -262,8 +295,8 @@ if ddp:
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters batches of each split. Their batches come from a generator of their own, seeded the
-    same at every evaluation: evaluations are comparable, and training's random stream is left alone (resume).
-    Only the master process evaluates, so only it shows a progress bar."""
+    same at every evaluation: evaluations are comparable. Only the master process evaluates, so only it shows a
+    progress bar."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
@@ -290,9 +323,34 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def micro_seed(it, micro_step):
+    """The seed of micro-batch micro_step (counted over all DDP processes) of iteration it: a function of (seed, it,
+    micro_step) alone, so one process and N processes draw the same batches and dropout, and a resume continues
+    them exactly. SeedSequence mixes the three numbers into well-spread seeds."""
+    return int(np.random.SeedSequence([seed, it, micro_step]).generate_state(1)[0])
+
+
+def check_in_sync():
+    """Stop if the DDP processes hold different weights: each parameter's bits, summed as integers, must be equal
+    everywhere (the minimum and the maximum over the processes agree)."""
+    params = list(raw_model.named_parameters())
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # a float's bits, read as an integer of its size
+    sums = torch.stack([p.detach().reshape(-1).view(ints[p.element_size()]).sum(dtype=torch.int64) for _, p in params])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = [params[i][0] for i in (low != high).nonzero().flatten().tolist()]
+    if differ:  # every process sees the same low and high, so all of them stop here
+        if not master_process:
+            sys.exit(1)  # the master process says why
+        die(f"the {ddp_world_size} processes hold different weights after the step of iteration {iter_num} "
+            f"({len(differ)} of {len(params)} tensors differ, e.g. {differ[0]}): something in the update depends "
+            f"on the process; {out_dir}/ckpt.pt is left as it was")
+
+
 def save_checkpoint():
-    """Everything needed to resume exactly, and to decode (meta), written to a temp file and renamed: a crash
-    mid-save leaves the previous checkpoint intact."""
+    """Everything needed to resume exactly, and to decode (meta). Written to a temp file, flushed to disk, then
+    renamed: whenever the process dies, ckpt.pt is a complete checkpoint, the previous one or the new one."""
     checkpoint = {
         'model': raw_model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -302,13 +360,15 @@ def save_checkpoint():
         'best_val_loss': best_val_loss,
         'config': config,
         'meta': meta,
-        'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
-                'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None},
     }
+    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'ckpt.pt')
     print(f"saving checkpoint to {path}")
     torch.save(checkpoint, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    fd = os.open(path + '.tmp', os.O_RDONLY)
+    os.fsync(fd)  # the bytes reach the disk before the rename makes them the checkpoint (a power cut, too)
+    os.close(fd)
+    os.replace(path + '.tmp', path)  # atomic: ckpt.pt is the old file or the new one, never a mix
 
 
 if wandb_log and master_process:
@@ -347,6 +407,8 @@ while True:
     t0 = time.time()
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(gradient_accumulation_steps):
+        # this process's micro-steps are numbers rank*k .. rank*k + k-1 of the iteration's micro-steps
+        torch.manual_seed(micro_seed(iter_num, ddp_rank * gradient_accumulation_steps + micro_step))
         X, Y = get_batch('train')
         if ddp:  # all-reduce the gradients only after the last micro-step (what DDP's no_sync() does)
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
@@ -373,6 +435,8 @@ while True:
         scaler.step(optimizer)  # with float16, skipped if the scaled gradients overflowed
         scaler.update()
     optimizer.zero_grad(set_to_none=True)  # free the gradients' memory right away
+    if check_sync and ddp:
+        check_in_sync()
 
     # timing and logging
     dt = time.time() - t0

@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny character dataset on disk, and running train.py / sample.py the way a user does."""
+"""Shared fixtures: a tiny character dataset, a first training run on it, and running train.py / sample.py the way a
+user does (or inside this process, for the runs that stop early)."""
+import io
 import os
 import pickle
+import runpy
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,19 @@ def char_data(tmp_path_factory):
     return write_char_dataset(tmp_path_factory.mktemp('data') / 'tiny_char', TEXT)
 
 
+N = 4  # iterations of first_run; test_train.py's resume tests continue it to 2N
+
+
+@pytest.fixture(scope='session')
+def first_run(char_data, tmp_path_factory):
+    """N iterations with dropout (so the random numbers matter), a checkpoint at N; -> (folder, stdout).
+    Shared by test_train.py (which copies the folder before changing anything) and test_sample.py."""
+    tmp = tmp_path_factory.mktemp('train')
+    r = run('train.py', *TINY, '--out_dir=run_n', f'--dataset={char_data}', f'--max_iters={N}',
+            f'--eval_interval={N}', '--dropout=0.1', cwd=tmp)
+    return tmp / 'run_n', r.stdout
+
+
 def run(script, *args, cwd, expect_ok=True):
     """Run a repo script in its own process (one thread: fast for tiny models, and the same arithmetic every run)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', WANDB_MODE='offline')
@@ -47,6 +64,23 @@ def run(script, *args, cwd, expect_ok=True):
     if expect_ok:
         assert r.returncode == 0, f"{script} failed:\n{r.stdout}\n{r.stderr}"
     return r
+
+
+def run_here(script, *args):
+    """Run a repo script inside this process until it exits: -> (exit status, stdout, stderr). No new Python and
+    torch imports, so it is fast; for runs that do not train (bad input, sampling), since it shares this process's
+    state (its torch seed, for one)."""
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [str(REPO / script), *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(sys.argv[0], run_name='__main__')
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = argv
+    return status, out.getvalue(), err.getvalue()
 
 
 def one_line_error(r, status):

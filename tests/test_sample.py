@@ -6,15 +6,13 @@ import pytest
 import torch
 
 import sample
-from conftest import TEXT, TINY, one_line_error, run
+from conftest import TEXT, one_line_error, run, run_here
 from model import GPT, GPTConfig
 
 
 @pytest.fixture(scope='module')
-def char_ckpt(char_data, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp('sample')
-    run('train.py', *TINY, f'--dataset={char_data}', '--max_iters=2', '--eval_interval=2', '--out_dir=out', cwd=tmp)
-    return tmp / 'out'
+def char_ckpt(first_run):
+    return first_run[0]  # conftest.py: a few iterations of a tiny model on a character dataset
 
 
 @pytest.fixture(scope='module')
@@ -49,34 +47,35 @@ def test_prints_the_prompt_then_what_the_model_generates(char_ckpt, tmp_path):
     assert body(r.stdout) == 'First' + expected
 
 
-def test_samples_differ_and_the_prompt_can_come_from_a_file(char_ckpt, tmp_path):
+def test_samples_differ_and_the_prompt_can_come_from_a_file(char_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / 'prompt.txt').write_text('All:\n')
-    r = run('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--start=FILE:prompt.txt', '--num_samples=2',
-            '--max_new_tokens=30', '--temperature=2.0', '--top_k=0', cwd=tmp_path)
-    samples = r.stdout.split('\n---------------\n')[:2]
+    _, stdout, _ = run_here('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--start=FILE:prompt.txt',
+                            '--num_samples=2', '--max_new_tokens=30', '--temperature=2.0', '--top_k=0')
+    samples = stdout.split('\n---------------\n')[:2]
     assert all(s.startswith('All:\n') and len(s) == 5 + 30 and set(s) <= set(TEXT) for s in samples)
     assert samples[0] != samples[1]
 
 
-def test_stats_report_speed_and_the_measured_and_formula_state_memory(char_ckpt, tmp_path):
-    r = run('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--num_samples=1', '--max_new_tokens=40',
-            '--stats', '--prefill_chunk=8', cwd=tmp_path)
+def test_stats_report_speed_and_the_measured_and_formula_state_memory(char_ckpt):
+    _, stdout, _ = run_here('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--num_samples=1',
+                            '--max_new_tokens=40', '--stats', '--prefill_chunk=8')
     assert re.search(r'^stats: prefill [\d,]+ tokens/s \(1 prompt tokens.*decode [\d,]+ tokens/s \(40 tokens\)',
-                     r.stdout, re.M)
+                     stdout, re.M)
     # 1 + 40 tokens overflow block_size=32: the state is that of the last 32; causal keeps K and V: 2·T·C·L floats
     m = re.search(r'decoding state after 32 tokens \(causal, torch.float32\): measured cache.nbytes\(\) = ([\d,]+) '
-                  r'bytes, formula decode_state_bytes\(32\) = ([\d,]+) bytes', r.stdout)
+                  r'bytes, formula decode_state_bytes\(32\) = ([\d,]+) bytes', stdout)
     assert m and m.group(1) == m.group(2) == f'{2 * 32 * 32 * 2 * 4:,}'
 
 
-def test_bpe_checkpoint_streams_text_equal_to_decoding_all_tokens(bpe_ckpt, tmp_path):
+def test_bpe_checkpoint_streams_text_equal_to_decoding_all_tokens(bpe_ckpt):
     encode, _, empty = sample.tokenizer({'tokenizer': 'r50k_base'})
-    r = run('sample.py', f'--out_dir={bpe_ckpt}', '--device=cpu', '--num_samples=1', '--max_new_tokens=25',
-            '--temperature=0', '--start=Hello, wörld', cwd=tmp_path)
+    _, stdout, _ = run_here('sample.py', f'--out_dir={bpe_ckpt}', '--device=cpu', '--num_samples=1',
+                            '--max_new_tokens=25', '--temperature=0', '--start=Hello, wörld')
     import prepare_data
     enc = prepare_data.get_encoding()
     ids = [i for i in greedy(bpe_ckpt, encode('Hello, wörld'), 25) if i < enc.n_vocab]
-    assert body(r.stdout) == 'Hello, wörld' + enc.decode(ids)
+    assert body(stdout) == 'Hello, wörld' + enc.decode(ids)
     assert encode(empty) == [50256]  # an empty prompt starts from <|endoftext|>
 
 
@@ -89,19 +88,54 @@ def test_bpe_stream_waits_for_characters_split_across_tokens():
     assert '' in pieces  # some tokens end inside a character: they print nothing until it is complete
 
 
+def char_ids(char_ckpt, text):
+    stoi = torch.load(char_ckpt / 'ckpt.pt', weights_only=False)['meta']['stoi']
+    return [stoi[c] for c in text]
+
+
+def decode(char_ckpt, ids):
+    itos = torch.load(char_ckpt / 'ckpt.pt', weights_only=False)['meta']['itos']
+    return ''.join(itos[i] for i in ids)
+
+
+def test_empty_prompt_starts_from_a_newline(char_ckpt):
+    status, stdout, stderr = run_here('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--start=',
+                                      '--num_samples=1', '--max_new_tokens=20', '--temperature=0')
+    assert status == 0 and stderr == ''
+    assert body(stdout) == decode(char_ckpt, greedy(char_ckpt, char_ids(char_ckpt, '\n'), 20))
+
+
+def test_prompt_longer_than_the_context_keeps_its_last_block_size_tokens(char_ckpt):
+    prompt = 'First Citizen:\nBefore we proceed any further, hear me speak.\n'  # 61 characters; block_size is 32
+    status, stdout, stderr = run_here('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', f'--start={prompt}',
+                                      '--num_samples=1', '--max_new_tokens=10', '--temperature=0')
+    assert status == 0 and stderr == ("note: the prompt has 61 tokens, more than the model's context of 32: it is "
+                                      "generated from the last 32\n")
+    expected = greedy(char_ckpt, char_ids(char_ckpt, prompt[-32:]), 10)
+    assert body(stdout) == prompt + decode(char_ckpt, expected)  # the whole prompt is printed, then the sample
+
+
 def test_character_not_in_the_vocabulary_is_an_error(char_ckpt, tmp_path):
     r = run('sample.py', f'--out_dir={char_ckpt}', '--device=cpu', '--start=Fïrst Z', cwd=tmp_path, expect_ok=False)
     line = one_line_error(r, 1)
     assert "not in the model's vocabulary" in line and "'Z', 'ï'" in line
 
 
-def test_max_new_tokens_must_be_positive(char_ckpt, tmp_path):
-    r = run('sample.py', f'--out_dir={char_ckpt}', '--max_new_tokens=0', cwd=tmp_path, expect_ok=False)
-    assert 'max_new_tokens=0: it must be at least 1' in one_line_error(r, 2)
+@pytest.mark.parametrize('arg, message', [('--max_new_tokens=0', 'max_new_tokens=0: it must be at least 1'),
+                                          ('--max_new_tokens=-5', 'max_new_tokens=-5: it must be at least 1'),
+                                          ('--num_samples=0', 'num_samples=0: it must be at least 1'),
+                                          ('--top_k=-1', 'top_k=-1: use 0 (all tokens) or more'),
+                                          ('--start=FILE:nope.txt', "--start=FILE:nope.txt: no file 'nope.txt'")])
+def test_impossible_settings_are_one_line_errors(arg, message, char_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, stdout, stderr = run_here('sample.py', f'--out_dir={char_ckpt}', arg)
+    assert status in (1, 2) and stdout == '' and len(stderr.splitlines()) == 1
+    assert stderr.startswith(f'sample.py: error: {message}')
 
 
-def test_missing_checkpoint_names_the_path_and_the_command_that_makes_it(tmp_path):
-    r = run('sample.py', '--out_dir=out-inattn-shakespeare-char', cwd=tmp_path, expect_ok=False)
-    line = one_line_error(r, 1)
-    assert 'no checkpoint at out-inattn-shakespeare-char/ckpt.pt' in line
-    assert '`python train.py config/inattn_shakespeare_char.py`' in line
+def test_missing_checkpoint_names_the_path_and_the_command_that_makes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, _, stderr = run_here('sample.py', '--out_dir=out-inattn-shakespeare-char')
+    assert status == 1 and len(stderr.splitlines()) == 1
+    assert 'no checkpoint at out-inattn-shakespeare-char/ckpt.pt' in stderr
+    assert '`python train.py config/inattn_shakespeare_char.py`' in stderr
