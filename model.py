@@ -512,7 +512,7 @@ class GPT(nn.Module):
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         if gates:  # lr_scale: the training loop sets lr = schedule(it) * lr_scale for every group
-            scale = self.config.infini_beta_lr / learning_rate
+            scale = self.config.infini_beta_lr / learning_rate if learning_rate > 0 else 0.0  # lr 0 freezes all
             groups.append({'params': gates, 'weight_decay': 0.0, 'lr': learning_rate * scale, 'lr_scale': scale})
         fused = device_type == 'cuda'  # fused AdamW kernel exists on CUDA
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)

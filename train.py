@@ -259,7 +259,9 @@ else:
     for k, v in saved.items():
         if k not in ('vocab_size', 'block_size', *runtime_keys) and model_args.get(k) != v:
             log(f"using the checkpoint's {k}={v!r} (config had {model_args.get(k)!r})")
-    runtime = {k: model_args[k] for k in runtime_keys}
+    # runtime knobs too: a key left at its default keeps the checkpoint's value (a model trained with 16-token
+    # segments is evaluated with 16-token segments), one set explicitly wins
+    runtime = {k: saved.get(k, model_args[k]) if config[k] == defaults[k] else model_args[k] for k in runtime_keys}
     model = model_from_checkpoint(checkpoint, ckpt_path, **runtime)  # the position table as saved: grown below
 if block_size > model.config.block_size:
     log(f"extending block_size {model.config.block_size} -> {block_size} (extend_method={extend_method!r})")

@@ -138,3 +138,15 @@ def test_unprepared_dataset_folder_is_an_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     status, _, stderr = run_here('train.py', *TINY, f'--dataset={tmp_path}/nothing_here')
     assert status == 2 and 'no prepared dataset in' in stderr and len(stderr.splitlines()) == 1
+
+
+def test_runtime_knobs_left_at_default_keep_the_checkpoints_values(char_data, tmp_path):
+    # an Infini-attention model trained with 4-token segments must not be reloaded with train.py's default of 64
+    infini = ['--attention=infini', '--pos_emb=none', '--infini_segment=4', f'--dataset={char_data}']
+    train(tmp_path, 'base', *infini, '--max_iters=1', '--eval_interval=1')
+    finetune = [f'--init_from={tmp_path / "base"}', f'--dataset={char_data}', '--max_iters=1', '--eval_interval=1',
+                '--learning_rate=0.0', '--min_lr=0.0']
+    train(tmp_path, 'kept', *finetune)
+    train(tmp_path, 'changed', *finetune, '--infini_segment=8')
+    assert load(tmp_path / 'kept')['model_args']['infini_segment'] == 4
+    assert load(tmp_path / 'changed')['model_args']['infini_segment'] == 8
