@@ -8,7 +8,7 @@ The text is decoded with the vocabulary saved in the checkpoint (characters, or 
 prompt longer than the context of a model with learned positions is cut to its last block_size tokens (a note
 on stderr says so); characters outside a character vocabulary are an error.
 --stats adds decode and prefill speed, and the memory of the decoding state: the bytes a cache really holds
-after the final context, beside the model's formula for them.
+after the final context, beside the model's formula for them. --gates prints an Infini-attention model's gates.
 """
 import codecs
 import glob
@@ -36,6 +36,7 @@ dtype = 'auto'  # 'float32' | 'bfloat16' | 'float16'; auto = bfloat16 where the 
 use_cache = True  # decode from the model's cache (False: re-read the whole context for every token)
 prefill_chunk = 0  # feed the prompt into the cache this many tokens at a time; 0 = all at once
 stats = False  # print decode and prefill tokens/s, and the decoding state's memory
+gates = False  # Infini-attention: print the memory's learned share sigmoid(β) of every layer and head, and exit
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -189,6 +190,13 @@ if __name__ == '__main__':
 
     model, meta = load_model(init_from, out_dir)
     model.eval()
+    if gates:  # A = sigmoid(β) A_mem + (1 - sigmoid(β)) A_dot: 0 = local attention only, 1 = memory only
+        betas = [block.attn.beta for block in model.transformer.h if hasattr(block.attn, 'beta')]
+        if not betas:
+            die(f"--gates: a {model.config.attention!r} model has no memory gates (only attention='infini' does)")
+        for i, beta in enumerate(betas):
+            print(f"layer {i}: sigmoid(beta) = " + ' '.join(f"{g:.3f}" for g in torch.sigmoid(beta).tolist()))
+        sys.exit(0)
     model.to(device)
     encode, decode_stream, empty_prompt = tokenizer(meta)
     ids = encode(start or empty_prompt)

@@ -139,3 +139,18 @@ def test_missing_checkpoint_names_the_path_and_the_command_that_makes_it(tmp_pat
     assert status == 1 and len(stderr.splitlines()) == 1
     assert 'no checkpoint at out-inattn-shakespeare-char/ckpt.pt' in stderr
     assert '`python train.py config/inattn_shakespeare_char.py`' in stderr
+
+
+def test_gates_prints_each_infini_heads_sigmoid_beta(char_ckpt, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=37, n_layer=2, n_head=2, n_embd=16, attention='infini',
+                          pos_emb='none'))
+    with torch.no_grad():
+        model.transformer.h[1].attn.beta.copy_(torch.tensor([0.0, 2.0]))
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
+                'meta': {'vocab_size': 37, 'stoi': {}, 'itos': {}}}, tmp_path / 'ckpt.pt')
+    status, out, _ = run_here('sample.py', f'--out_dir={tmp_path}', '--gates')
+    assert status == 0 and out.splitlines() == ['layer 0: sigmoid(beta) = 0.500 0.500',
+                                                'layer 1: sigmoid(beta) = 0.500 0.881']
+    status, _, err = run_here('sample.py', f'--out_dir={char_ckpt}', '--gates')  # a causal model has no gates
+    assert status == 1 and 'no memory gates' in err
