@@ -3,6 +3,7 @@ Prepare a dataset for train.py: token ids in train.bin / val.bin (raw np.uint16,
 
     python prepare_data.py shakespeare_char   # character vocabulary, ~1M chars
     python prepare_data.py shakespeare        # GPT-2 BPE (tiktoken r50k_base)
+    python prepare_data.py shakespeare_char_passkey   # characters, with passkey-retrieval samples mixed in
     python prepare_data.py openwebtext --max_docs 100000 --num_proc 8
 
 meta.pkl is a pickled dict: {'vocab_size': int, 'stoi': {char: int}, 'itos': {int: char}} for a character
@@ -13,7 +14,9 @@ import argparse
 import os
 import pickle
 import shutil
+import string
 import sys
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.request import urlopen
@@ -140,6 +143,88 @@ def prepare_shakespeare(out_dir, input_path=None, **kw):
 
 
 # -----------------------------------------------------------------------------
+# Passkey retrieval (REFERENCE section 5): Shakespeare with filler / needle / question samples mixed in.
+# eval_long.py builds its test prompts with the same passkey_sample() and the keys that is_eval_key() reserves.
+
+PASSKEY_FILLER = ' The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.'
+PASSKEY_NEEDLE = '\nThe pass key is {key}. Remember it. {key} is the pass key.\n'
+PASSKEY_QUESTION = '\nWhat is the pass key? The pass key is '  # the answer: the key's 5 digits
+PASSKEY_FRACTION = 0.5  # share of the tokens of train.bin and val.bin that belong to passkey samples
+PASSKEY_LEN = 256       # longest sample (prompt + key, in tokens): the block_size of config/inattn_passkey.py
+PASSKEY_SEED = 2357
+PASSKEY_CHARS = set(PASSKEY_FILLER + PASSKEY_NEEDLE.format(key='') + PASSKEY_QUESTION + string.digits)
+
+
+def is_eval_key(key):
+    """The one rule that splits the keys 10000..99999: ~10% are evaluation keys and never appear in train.bin.
+    A hash, not a digit pattern, so the training keys teach nothing about which digits an eval key has."""
+    return zlib.crc32(str(key).encode()) % 10 == 0
+
+
+def passkey_keys(split):
+    """The keys of a split: 'train' (train.bin) or 'eval' (val.bin and eval_long.py)."""
+    assert split in ('train', 'eval')
+    return [k for k in range(10000, 100000) if is_eval_key(k) == (split == 'eval')]
+
+
+def passkey_sample(encode, key, length, depth):
+    """One passkey sample as token ids (prompt, answer) with len(prompt) + len(answer) == length: filler with the
+    needle at `depth` (0: the very start, 1: right before the question), then the question; the answer is the
+    key. encode: text -> list of ids, for a character vocabulary or BPE alike."""
+    needle, question, answer = encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION), encode(str(key))
+    n_filler = length - len(needle) - len(question) - len(answer)
+    if n_filler < 0:
+        raise ValueError(f'a passkey sample needs at least {length - n_filler} tokens, got length={length}')
+    unit = encode(PASSKEY_FILLER)
+    filler = (unit * (n_filler // len(unit) + 1))[:n_filler]  # the filler repeated and cut to size
+    cut = round(depth * n_filler)
+    return filler[:cut] + needle + filler[cut:] + question, answer
+
+
+def passkey_min_len(encode):
+    """The shortest passkey sample: needle, question and a 5-digit key, no filler."""
+    return len(encode(PASSKEY_NEEDLE.format(key=10000))) + len(encode(PASSKEY_QUESTION)) + len(encode('10000'))
+
+
+def mix_passkey(ids, encode, keys, rng, max_len=PASSKEY_LEN, fraction=PASSKEY_FRACTION):
+    """ids (a text's tokens) with passkey samples inserted at random places, as many as make up `fraction` of
+    the result. Each sample: a key drawn from `keys`, a length uniform in [passkey_min_len, max_len], a depth
+    uniform in [0, 1]; on its own lines ('\n' before, '.\n' after the key, as in the needle)."""
+    shortest = passkey_min_len(encode)
+    n = round(fraction / (1 - fraction) * len(ids) / ((shortest + max_len) / 2))  # samples of mean length
+    keys, before, after = np.asarray(keys), encode('\n'), encode('.\n')
+    out, prev = [], 0
+    for cut in tqdm(np.sort(rng.integers(0, len(ids) + 1, n)), desc='mixing passkey samples'):
+        prompt, answer = passkey_sample(encode, int(rng.choice(keys)), int(rng.integers(shortest, max_len + 1)),
+                                        rng.random())
+        out += ids[prev:cut] + before + prompt + answer + after
+        prev = cut
+    return out + ids[prev:]
+
+
+def prepare_shakespeare_char_passkey(out_dir, input_path=None, passkey_len=PASSKEY_LEN,
+                                     passkey_fraction=PASSKEY_FRACTION, **kw):
+    """Character vocabulary of Shakespeare, the digits and the passkey templates. train.bin mixes the first 90%
+    of the text with samples of training keys, val.bin the rest with samples of evaluation keys."""
+    text = read_text(find_input(out_dir, input_path))
+    chars = sorted(set(text) | PASSKEY_CHARS)
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+    encode = lambda s: [stoi[ch] for ch in s]  # noqa: E731
+    if passkey_len < passkey_min_len(encode):  # checked before anything is written: an old dataset stays intact
+        raise PrepareError(f'passkey_len={passkey_len} is too short: a passkey sample needs '
+                           f'{passkey_min_len(encode)} tokens')
+    print(f'{len(text):,} characters, vocab size {len(chars)}')
+    start_writing(out_dir)
+    for i, (split, part, keys) in enumerate(zip(('train', 'val'), split_text(text), ('train', 'eval'))):
+        rng = np.random.default_rng(PASSKEY_SEED + i)
+        ids = mix_passkey(encode(part), encode, passkey_keys(keys), rng, passkey_len, passkey_fraction)
+        print(f'{split} has {len(ids):,} tokens, {len(ids) - len(part):,} of them in passkey samples')
+        write_bin(out_dir / f'{split}.bin', ids)
+    write_meta(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
+
+
+# -----------------------------------------------------------------------------
 # OpenWebText (Hugging Face datasets), ~8M documents, ~9B tokens
 
 def split_docs(dset, max_docs=None):
@@ -210,6 +295,7 @@ def prepare_openwebtext(out_dir, input_path=None, max_docs=None, num_proc=None, 
 DATASETS = {
     'shakespeare_char': prepare_shakespeare_char,
     'shakespeare': prepare_shakespeare,
+    'shakespeare_char_passkey': prepare_shakespeare_char_passkey,
     'openwebtext': prepare_openwebtext,
 }
 

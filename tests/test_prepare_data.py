@@ -2,6 +2,7 @@
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,36 @@ def test_script_error_is_one_line_without_traceback(tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip().count('\n') == 0 and 'Traceback' not in r.stderr
     assert 'missing.txt is not a file' in r.stderr
+
+
+# a passkey sample as mix_passkey writes it: its own lines, the key closing the question
+SAMPLE = re.compile(r'\n( [^\n]*)?\nThe pass key is (\d{5})\. Remember it\. (\d{5}) is the pass key\.\n([^\n]*)'
+                    r'\nWhat is the pass key\? The pass key is (\d{5})\.\n')
+
+
+def test_passkey_mix_round_trips(tmp_path):
+    text = TEXT * 30
+    (tmp_path / 'in.txt').write_text(text, encoding='utf-8')
+    train, val, meta = load(prepare('shakespeare_char_passkey', input_path=tmp_path / 'in.txt',
+                                    out_dir=tmp_path / 'out', passkey_len=160))
+    assert set(meta['stoi']) >= set(text) | set('0123456789')
+    assert meta['vocab_size'] == len(meta['stoi']) and all(meta['itos'][i] == ch for ch, i in meta['stoi'].items())
+    cut = int(0.9 * len(text))
+    for ids, part, eval_keys in ((train, text[:cut], False), (val, text[cut:], True)):
+        stream = ''.join(meta['itos'][i] for i in ids)
+        samples = list(SAMPLE.finditer(stream))
+        assert samples and SAMPLE.sub('', stream) == part  # the text, untouched, once the samples are cut out
+        for m in samples:
+            assert m[2] == m[3] == m[5]  # the needle's key is the answer
+            assert prepare_data.is_eval_key(int(m[2])) == eval_keys  # training keys never in val and vice versa
+            length = len(m[0]) - len('\n') - len('.\n')  # prompt + key
+            assert prepare_data.passkey_min_len(list) <= length <= 160  # list: one token per character
+        in_samples = sum(len(m[0]) for m in samples) / len(stream)
+        assert 0.3 < in_samples < 0.7  # about PASSKEY_FRACTION = 0.5
+
+
+def test_passkey_len_too_short_is_a_clear_error_and_loses_nothing(tmp_path, text_file):
+    prepare('shakespeare_char', input_path=text_file, out_dir=tmp_path)
+    with pytest.raises(PrepareError, match='passkey_len=50 is too short'):
+        prepare('shakespeare_char_passkey', input_path=text_file, out_dir=tmp_path, passkey_len=50)
+    assert is_prepared(tmp_path)  # the dataset already there is intact

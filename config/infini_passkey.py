@@ -1,0 +1,33 @@
+# Passkey retrieval (REFERENCE section 5): a small character-level Infini-attention model trained from
+# scratch on Shakespeare mixed with passkey samples (prepare_data.py shakespeare_char_passkey: half of the tokens are
+# samples of 103..256 characters, filler + needle + question + key, with training keys only), then
+#   python eval_long.py --ckpt=out-infini-passkey --mode=passkey          # lengths 256, 512, 1024
+# A twin of inattn_passkey.py: every setting the same except the attention (and out_dir).
+
+out_dir = 'out-infini-passkey'
+eval_interval = 500
+eval_iters = 20
+log_interval = 50
+always_save_checkpoint = True
+
+dataset = 'shakespeare_char_passkey'
+gradient_accumulation_steps = 1
+batch_size = 16
+block_size = 256  # = prepare_data.PASSKEY_LEN, the longest training sample
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+attention = 'infini'  # softmax inside a segment, a compressive memory across segments
+pos_emb = 'none'  # RoPE inside each segment instead: no position table, so it runs at any length
+infini_segment = 64  # 4 segments at the training length: the needle must often cross the memory
+
+learning_rate = 1e-3
+max_iters = 3000
+lr_decay_iters = 3000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100
+
+compile = False  # small and on a CPU: compiling costs more than it saves

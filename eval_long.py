@@ -1,0 +1,239 @@
+"""
+Does a model use a long context? Two measurements for any checkpoint written by train.py (REFERENCE 5 and 6):
+
+  loss     validation loss by position bucket at a chosen context length: does the loss keep falling as the
+           model sees more of the text, and where does it stop improving?
+  passkey  a 5-digit key hidden in filler text (prepare_data.passkey_sample), by total length and needle depth:
+           exact match of the greedy decode of the key, and per-digit accuracy under teacher forcing
+
+    python eval_long.py --ckpt=out-inattn-long --context=256 --plot=loss_by_position.png
+    python eval_long.py --ckpt=out-inattn-shakespeare-char,out-inattn-long --context=256 --extend=interpolate
+    python eval_long.py --ckpt=out-inattn-passkey --mode=passkey --lengths=[256,512,1024]
+
+Several checkpoints (comma-separated) are compared side by side on the same windows and the same keys.
+A model with learned positions cannot read past its block_size: --extend=interpolate|copy grows its position
+table in memory first (no training); without it, longer passkey lengths are reported as n/a and a longer loss
+context is an error. Models without positions (pos_emb='none': Lightning, Infini-attention) run at any length.
+The passkey keys are the evaluation keys (prepare_data.is_eval_key), never seen in training.
+"""
+import copy
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import prepare_data
+from configurator import configure_or_exit, die
+from model import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
+
+defaults = dict(
+    ckpt='out-inattn-long',  # a checkpoint folder (holding ckpt.pt) or file; several, comma-separated
+    mode='loss',             # 'loss' | 'passkey' | 'both'
+    dataset='',              # loss: validation data; '' = the dataset each checkpoint was trained on
+    context=0,               # loss: window length in tokens; 0 = the first checkpoint's block_size
+    bucket=0,                # loss: positions per bucket; 0 = context // 8
+    windows=512,             # loss: random validation windows (the same for every checkpoint)
+    plot='',                 # loss: write the loss-by-position curves to this PNG
+    mark=0,                  # loss: draw a vertical line at this position in the plot (e.g. the original block)
+    extend='',               # '' | 'interpolate' | 'copy': grow learned positions in memory to reach a length
+    lengths=[],              # passkey: total lengths (prompt + key); [] = 1x, 2x, 4x the first block_size
+    depths=[0.0, 0.5, 1.0],  # passkey: needle depth, 0 = start of the text, 1 = right before the question
+    samples=50,              # passkey: keys per (length, depth) cell
+    batch_size=16,
+    seed=1337,
+    device='cpu',
+)
+
+
+def load(path, device):
+    """A GPT (eval mode) and its checkpoint dict from a train.py checkpoint file or a folder holding ckpt.pt."""
+    file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        die(f"no checkpoint at {file}: train one with train.py, or pass --ckpt=FOLDER_OR_FILE")
+    ckpt = torch.load(file, map_location='cpu', weights_only=False)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
+    return model.eval().to(device), ckpt
+
+
+def at_length(model, length, extend):
+    """The model able to read `length` tokens: itself, a copy whose position table is extended in memory,
+    or None when its learned positions stop short and no extension was asked for."""
+    if model.transformer.wpe is None or length <= model.config.block_size:
+        return model
+    if not extend:
+        return None
+    model = copy.deepcopy(model)
+    model.extend_block_size(length, extend)
+    return model
+
+
+def val_data(ckpt, dataset):
+    """The validation tokens (np.memmap) of `dataset`, or of the dataset the checkpoint was trained on."""
+    name = dataset or ckpt['config']['dataset']
+    data_dir = name if '/' in name else os.path.join(REPO, 'data', name)
+    if not prepare_data.is_prepared(data_dir):
+        if name not in prepare_data.DATASETS:
+            die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by prepare_data.py")
+        prepare_data.prepare(name)
+    return np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
+
+
+def encoder(meta):
+    """text -> token ids in the checkpoint's vocabulary; a character vocabulary must hold the passkey's characters."""
+    if 'tokenizer' in meta:
+        return prepare_data.get_encoding().encode_ordinary
+    stoi = meta['stoi']
+    missing = ''.join(sorted(prepare_data.PASSKEY_CHARS - set(stoi)))
+    if missing:
+        raise ValueError(f"the model's vocabulary has no {missing!r}: passkey needs a model trained on a vocabulary "
+                         f"with digits, e.g. dataset='shakespeare_char_passkey'")
+    return lambda text: [stoi[ch] for ch in text]
+
+
+# -----------------------------------------------------------------------------
+# loss by position
+
+@torch.no_grad()
+def loss_by_position(model, data, context, windows, batch_size, seed, device='cpu'):
+    """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over `windows` random windows of
+    `data`; the windows depend only on the seed, so every model is scored on the same text."""
+    if len(data) <= context:
+        raise ValueError(f"the validation data has {len(data)} tokens, too few for context={context}")
+    ix = torch.randint(len(data) - context, (windows,), generator=torch.Generator().manual_seed(seed))
+    total = torch.zeros(context)
+    for i in tqdm(range(0, windows, batch_size), desc=f'loss at context {context}', leave=False):
+        x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in ix[i:i + batch_size]])
+        y = torch.stack([torch.from_numpy(data[j + 1:j + 1 + context].astype(np.int64)) for j in ix[i:i + batch_size]])
+        logits, _ = model(x.to(device), y.to(device))  # (B, T, V)
+        total += F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction='none').sum(0).cpu()  # (T,)
+    return total / windows
+
+
+def buckets(per_position, width):
+    """[(first, last + 1, mean loss)] over consecutive positions, `width` at a time."""
+    T = len(per_position)
+    return [(lo, min(lo + width, T), per_position[lo:lo + width].mean().item()) for lo in range(0, T, width)]
+
+
+def plot_losses(curves, width, mark, path):
+    import matplotlib
+    matplotlib.use('Agg')  # no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, per_position in curves.items():
+        line, = ax.plot(per_position.numpy(), alpha=0.25, linewidth=0.8)
+        rows = buckets(per_position, width)
+        ax.step([lo for lo, _, _ in rows] + [rows[-1][1]], [m for _, _, m in rows] + [rows[-1][2]], where='post',
+                color=line.get_color(), label=name)
+    if mark:
+        ax.axvline(mark, color='gray', linestyle='--', linewidth=1)
+    ax.set_xlabel('position in the window (tokens of context before the prediction)')
+    ax.set_ylabel('validation loss (nats)')
+    ax.set_title(f'loss by position: every position (faint) and buckets of {width}')
+    ax.legend()
+    fig.tight_layout()
+    tmp = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed
+    fig.savefig(tmp, format='png', dpi=120)
+    os.replace(tmp, path)
+    print(f'wrote {path}')
+
+
+# -----------------------------------------------------------------------------
+# passkey retrieval
+
+@torch.no_grad()
+def passkey(model, encode, length, depth, samples, batch_size, seed, device='cpu'):
+    """(exact match, per-digit accuracy) over `samples` evaluation keys at one total length and needle depth.
+    Exact: the greedy decode (the model's own cached decoding) equals the key. Per digit: under teacher forcing,
+    the argmax at each key position given the true digits before it."""
+    rng = np.random.default_rng([seed, length, round(1000 * depth)])  # the same keys for every model
+    keys = rng.choice(prepare_data.passkey_keys('eval'), samples, replace=False)
+    cases = [prepare_data.passkey_sample(encode, int(k), length, depth) for k in keys]
+    exact = per_digit = 0.0
+    for i in range(0, samples, batch_size):
+        prompt = torch.tensor([p for p, _ in cases[i:i + batch_size]], device=device)  # (B, length - A)
+        answer = torch.tensor([a for _, a in cases[i:i + batch_size]], device=device)  # (B, A)
+        A = answer.size(1)
+        decoded = model.generate(prompt, A, temperature=0)[:, -A:]
+        exact += (decoded == answer).all(dim=1).sum().item()
+        x = torch.cat([prompt, answer[:, :-1]], dim=1)  # (B, length - 1)
+        logits, _ = model(x, x)  # targets only so that logits come back at every position
+        per_digit += (logits[:, -A:].argmax(-1) == answer).float().mean(dim=1).sum().item()
+    return exact / samples, per_digit / samples
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg = configure_or_exit(defaults, argv)
+    if cfg['mode'] not in ('loss', 'passkey', 'both'):
+        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both", status=2)
+    if cfg['extend'] not in ('', 'interpolate', 'copy'):
+        die(f"extend={cfg['extend']!r} is not one of '', interpolate, copy", status=2)
+    torch.manual_seed(cfg['seed'])
+    models = {}  # label (the path as given) -> (model, checkpoint)
+    for path in cfg['ckpt'].split(','):
+        models[path.removesuffix('/ckpt.pt').rstrip('/')] = load(path, cfg['device'])
+    for name, (model, _) in models.items():
+        c = model.config
+        print(f"{name}: attention={c.attention}, pos_emb={c.pos_emb}, block_size={c.block_size}, "
+              f"{model.get_num_params() / 1e6:.2f}M parameters")
+    first = next(iter(models.values()))[0].config.block_size
+    names = list(models)
+
+    if cfg['mode'] in ('loss', 'both'):
+        context = cfg['context'] or first
+        width = cfg['bucket'] or max(context // 8, 1)
+        curves = {}
+        for name, (model, ckpt) in models.items():
+            m = at_length(model, context, cfg['extend'])
+            if m is None:
+                die(f"{name}: context={context} is past its block_size={model.config.block_size} (learned positions):"
+                    f" pass --extend=interpolate or --extend=copy to grow its position table in memory", status=2)
+            data = val_data(ckpt, cfg['dataset'])
+            curves[name] = loss_by_position(m, data, context, cfg['windows'], cfg['batch_size'], cfg['seed'],
+                                            cfg['device'])
+        print(f"\nvalidation loss by position, context {context}, {cfg['windows']} windows (seed {cfg['seed']})"
+              + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else ''))
+        print('| positions | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))
+        table = {name: buckets(c, width) for name, c in curves.items()}
+        for b, (lo, hi, _) in enumerate(table[names[0]]):
+            print(f'| {lo}-{hi - 1} | ' + ' | '.join(f'{table[n][b][2]:.4f}' for n in names) + ' |')
+        print('| all | ' + ' | '.join(f'{curves[n].mean().item():.4f}' for n in names) + ' |')
+        if cfg['plot']:
+            plot_losses(curves, width, cfg['mark'], cfg['plot'])
+
+    if cfg['mode'] in ('passkey', 'both'):
+        lengths = cfg['lengths'] or [first, 2 * first, 4 * first]
+        results = {}  # (name, length, depth) -> (exact, per-digit) or None
+        cells = [(n, L, d) for n in names for L in lengths for d in cfg['depths']]
+        encoders = {}
+        for name, (model, ckpt) in models.items():
+            try:
+                encoders[name] = encoder(ckpt['meta'])
+            except ValueError as e:
+                die(f"{name}: {e}", status=2)
+        for name, L, d in tqdm(cells, desc='passkey'):
+            m = at_length(models[name][0], L, cfg['extend'])
+            results[name, L, d] = None if m is None else passkey(m, encoders[name], L, d, cfg['samples'],
+                                                                 cfg['batch_size'], cfg['seed'], cfg['device'])
+        print(f"\npasskey retrieval: exact match % / per-digit % over {cfg['samples']} evaluation keys per cell"
+              + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else
+                 "; n/a: past the learned positions (try --extend)"))
+        print('| length | depth | ' + ' | '.join(names) + ' |\n|---|---|' + '---|' * len(names))
+        for L in lengths:
+            for d in cfg['depths']:
+                row = [results[n, L, d] for n in names]
+                print(f'| {L} | {DEPTH_NAMES.get(d, d)} | ' + ' | '.join(
+                    'n/a' if r is None else f'{100 * r[0]:.0f} / {100 * r[1]:.0f}' for r in row) + ' |')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
