@@ -149,7 +149,7 @@ def prepare_shakespeare(out_dir, input_path=None, **kw):
 PASSKEY_FILLER = ' The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.'
 PASSKEY_NEEDLE = '\nThe pass key is {key}. Remember it. {key} is the pass key.\n'
 PASSKEY_QUESTION = '\nWhat is the pass key? The pass key is '  # the answer: the key's 5 digits
-PASSKEY_FRACTION = 0.5  # share of the tokens of train.bin and val.bin that belong to passkey samples
+PASSKEY_FRACTION = 0.8  # share of the tokens of train.bin and val.bin in passkey samples (0.5 was too slow to learn)
 PASSKEY_LEN = 256       # longest sample (prompt + key, in tokens): the block_size of config/inattn_passkey.py
 PASSKEY_SEED = 2357
 PASSKEY_CHARS = set(PASSKEY_FILLER + PASSKEY_NEEDLE.format(key='') + PASSKEY_QUESTION + string.digits)

@@ -332,6 +332,16 @@ def micro_seed(it, micro_step):
     return int(np.random.SeedSequence([seed, it, micro_step]).generate_state(1)[0])
 
 
+def stop_all(message):
+    """Stop every process, which all reached the same decision: leave the process group first (gloo's threads abort
+    noisily at exit otherwise), then the master process says why in one line."""
+    if ddp:
+        dist.destroy_process_group()
+    if not master_process:
+        sys.exit(1)
+    die(message)
+
+
 def check_in_sync():
     """Stop if the DDP processes hold different weights: each parameter's bits, summed as integers, must be equal
     everywhere (the minimum and the maximum over the processes agree)."""
@@ -343,9 +353,7 @@ def check_in_sync():
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     differ = [params[i][0] for i in (low != high).nonzero().flatten().tolist()]
     if differ:  # every process sees the same low and high, so all of them stop here
-        if not master_process:
-            sys.exit(1)  # the master process says why
-        die(f"the {ddp_world_size} processes hold different weights after the step of iteration {iter_num} "
+        stop_all(f"the {ddp_world_size} processes hold different weights after the step of iteration {iter_num} "
             f"({len(differ)} of {len(params)} tensors differ, e.g. {differ[0]}): something in the update depends "
             f"on the process; {out_dir}/ckpt.pt is left as it was")
 
@@ -425,9 +433,7 @@ while True:
     lossf = loss_sum.item()
     if not math.isfinite(lossf):
         if on_nonfinite == 'stop':
-            if not master_process:
-                sys.exit(1)  # the master process says why
-            die(f"loss is {lossf} at iteration {iter_num}: stopped; {out_dir}/ckpt.pt is left as it was. Lower "
+            stop_all(f"loss is {lossf} at iteration {iter_num}: stopped; {out_dir}/ckpt.pt is left as it was. Lower "
                 f"learning_rate, or use --on_nonfinite=skip")
         log(f"iter {iter_num}: loss is {lossf}, optimizer step skipped")
     else:

@@ -1,5 +1,5 @@
 # Passkey retrieval (REFERENCE section 5): a small character-level InAttention model trained from scratch on
-# Shakespeare mixed with passkey samples (prepare_data.py shakespeare_char_passkey: half of the tokens are
+# Shakespeare mixed with passkey samples (prepare_data.py shakespeare_char_passkey: 80% of the tokens are in
 # samples of 103..256 characters, filler + needle + question + key, with training keys only), then
 #   python eval_long.py --ckpt=out-inattn-passkey --mode=passkey          # lengths 256, 512, 1024
 # train_passkey.py is the vanilla twin: every setting the same except `attention` (and out_dir).
@@ -22,8 +22,8 @@ dropout = 0.0
 attention = 'inattention'
 
 learning_rate = 1e-3
-max_iters = 3000
-lr_decay_iters = 3000
+max_iters = 8000
+lr_decay_iters = 8000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
