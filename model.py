@@ -450,8 +450,10 @@ class GPT(nn.Module):
 
     def extend_block_size(self, block_size, method='interpolate'):
         """Grow the learned position table from T0 to T1 = block_size rows (REFERENCE section 6).
-        'interpolate': position interpolation (Chen et al. 2023), new row m = old table read at m·T0/T1,
-                       linearly between neighbouring rows; the model sees familiar positions, more densely.
+        'interpolate': position interpolation (Chen et al. 2023): new row m = old table read at m·(T0-1)/(T1-1),
+                       linearly between neighbouring rows; the model sees familiar positions, more densely. The end
+                       points are aligned (row T1-1 = old row T0-1): reading at m·T0/T1 would make the last T1/T0
+                       rows identical copies of old row T0-1, positions the model cannot tell apart.
         'copy':        new row m = old row m mod T0 (the learned rows tiled)."""
         T0, T1 = self.config.block_size, block_size
         if T1 < T0:
@@ -465,7 +467,7 @@ class GPT(nn.Module):
         if method == 'copy':
             new = old[torch.arange(T1, device=old.device) % T0]
         else:
-            src = torch.arange(T1, device=old.device, dtype=torch.float32) * (T0 / T1)
+            src = torch.arange(T1, device=old.device, dtype=torch.float32) * ((T0 - 1) / (T1 - 1))
             lo = src.floor().long().clamp(max=T0 - 1)
             frac = (src - lo).unsqueeze(1).to(old.dtype)
             new = (1 - frac) * old[lo] + frac * old[(lo + 1).clamp(max=T0 - 1)]

@@ -149,12 +149,13 @@ def test_crop_block_size_keeps_first_rows():
 def test_extend_block_size_interpolate_and_copy():
     m = tiny(block_size=4)
     old = m.transformer.wpe.weight.detach().clone()
-    m.extend_block_size(8, 'interpolate')  # new row i = old table read at i * 4/8
+    m.extend_block_size(8, 'interpolate')  # new row i = old table read at i * 3/7: end points aligned
     new = m.transformer.wpe.weight.detach()
     assert new.shape == (8, 32)
-    torch.testing.assert_close(new[0::2], old)
-    torch.testing.assert_close(new[1], (old[0] + old[1]) / 2)
-    torch.testing.assert_close(new[7], old[3])  # past the last learned row: clamped, not extrapolated
+    torch.testing.assert_close(new[0], old[0])
+    torch.testing.assert_close(new[7], old[3])
+    torch.testing.assert_close(new[3], old[1] * (1 - 2 / 7) + old[2] * 2 / 7)  # 3 * 3/7 = 1 + 2/7
+    assert len({tuple(row.tolist()) for row in new}) == 8  # no two positions alike
     m(torch.zeros(1, 8, dtype=torch.long))  # the model runs at the new length
 
     m = tiny(block_size=4)
