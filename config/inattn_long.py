@@ -13,7 +13,7 @@ dataset = 'shakespeare_char'
 attention = 'inattention'
 
 block_size = 256  # 4x the checkpoint's 64: the position table grows to 256 rows
-extend_method = 'interpolate'  # position interpolation (Chen et al. 2023): new row m = old table at m * 64/256
+extend_method = 'interpolate'  # position interpolation (Chen et al. 2023): new row m = old table at m * 63/255
 
 gradient_accumulation_steps = 1
 batch_size = 12
