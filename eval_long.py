@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import prepare_data
 from configurator import configure_or_exit, die
-from model import GPT, GPTConfig
+from sample import load_checkpoint, model_from_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
@@ -56,10 +56,8 @@ def load(path, device):
     file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         die(f"no checkpoint at {file}: train one with train.py, or pass --ckpt=FOLDER_OR_FILE")
-    ckpt = torch.load(file, map_location='cpu', weights_only=False)
-    model = GPT(GPTConfig(**ckpt['model_args']))
-    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
-    return model.eval().to(device), ckpt
+    ckpt = load_checkpoint(file)  # sample.py's loaders: a truncated or foreign file is a one-line error
+    return model_from_checkpoint(ckpt, file).eval().to(device), ckpt
 
 
 def at_length(model, length, extend):
