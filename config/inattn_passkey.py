@@ -1,8 +1,10 @@
 # Passkey retrieval (REFERENCE section 5): a small character-level InAttention model trained from scratch on
 # Shakespeare mixed with passkey samples (prepare_data.py shakespeare_char_passkey: 80% of the tokens are in
 # samples of 103..256 characters, filler + needle + question + key, with training keys only), then
-#   python eval_long.py --ckpt=out-inattn-passkey --mode=passkey          # lengths 256, 512, 1024
+#   python eval_long.py --ckpt=out-inattn-passkey --mode=passkey --extend=interpolate   # lengths 256, 512, 1024
 # train_passkey.py is the vanilla twin: every setting the same except `attention` (and out_dir).
+# 4000 steps take ~22 CPU-minutes (one thread). Measured: vanilla retrieves the key (100% exact match at middle
+# and end depth, 46% at the start); InAttention does not (0%, also with --max_iters=8000 --lr_decay_iters=8000).
 
 out_dir = 'out-inattn-passkey'
 eval_interval = 500
@@ -22,8 +24,8 @@ dropout = 0.0
 attention = 'inattention'
 
 learning_rate = 1e-3
-max_iters = 8000
-lr_decay_iters = 8000
+max_iters = 4000
+lr_decay_iters = 4000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100

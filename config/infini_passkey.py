@@ -1,7 +1,7 @@
 # Passkey retrieval (REFERENCE section 5): a small character-level Infini-attention model trained from
 # scratch on Shakespeare mixed with passkey samples (prepare_data.py shakespeare_char_passkey: 80% of the tokens
 # are in samples of 103..256 characters, filler + needle + question + key, with training keys only), then
-#   python eval_long.py --ckpt=out-infini-passkey --mode=passkey          # lengths 256, 512, 1024
+#   python eval_long.py --ckpt=out-infini-passkey --mode=passkey          # lengths 256, 512, 1024 (no position table: any length)
 # A twin of inattn_passkey.py: every setting the same except the attention (and out_dir).
 
 out_dir = 'out-infini-passkey'
@@ -24,8 +24,8 @@ pos_emb = 'none'  # RoPE inside each segment instead: no position table, so it r
 infini_segment = 64  # 4 segments at the training length: the needle must often cross the memory
 
 learning_rate = 1e-3
-max_iters = 8000
-lr_decay_iters = 8000
+max_iters = 4000
+lr_decay_iters = 4000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100

@@ -1,7 +1,7 @@
-# Passkey retrieval (REFERENCE section 5): a small character-level InAttention model trained from scratch on
+# Passkey retrieval (REFERENCE section 5): a small character-level GPT (causal attention) trained from scratch on
 # Shakespeare mixed with passkey samples (prepare_data.py shakespeare_char_passkey: 80% of the tokens are in
 # samples of 103..256 characters, filler + needle + question + key, with training keys only), then
-#   python eval_long.py --ckpt=out-passkey --mode=passkey          # lengths 256, 512, 1024
+#   python eval_long.py --ckpt=out-passkey --mode=passkey --extend=interpolate   # lengths 256, 512, 1024
 # The vanilla twin of inattn_passkey.py: every setting the same except `attention` (and out_dir).
 
 out_dir = 'out-passkey'
@@ -22,8 +22,8 @@ dropout = 0.0
 attention = 'causal'
 
 learning_rate = 1e-3
-max_iters = 8000
-lr_decay_iters = 8000
+max_iters = 4000
+lr_decay_iters = 4000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
