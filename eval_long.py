@@ -11,6 +11,8 @@ Does a model use a long context? Two measurements for any checkpoint written by 
     python eval_long.py --ckpt=out-inattn-passkey --mode=passkey --lengths=[256,512,1024]
 
 Several checkpoints (comma-separated) are compared side by side on the same windows and the same keys.
+The loss windows start every --stride tokens (default: the bucket width) over val.bin, so every bucket scores the
+same text and a difference between buckets is the effect of the context alone.
 A model with learned positions cannot read past its block_size: --extend=interpolate|copy grows its position
 table in memory first (no training); without it, longer passkey lengths are reported as n/a and a longer loss
 context is an error. Models without positions (pos_emb='none': Lightning, Infini-attention) run at any length.
@@ -38,7 +40,8 @@ defaults = dict(
     dataset='',              # loss: validation data; '' = the dataset each checkpoint was trained on
     context=0,               # loss: window length in tokens; 0 = the first checkpoint's block_size
     bucket=0,                # loss: positions per bucket; 0 = context // 8
-    windows=512,             # loss: random validation windows (the same for every checkpoint)
+    stride=0,                # loss: tokens between window starts; 0 = the bucket width (see loss_by_position)
+    windows=0,               # loss: at most this many windows from the start of val.bin; 0 = all that fit
     plot='',                 # loss: write the loss-by-position curves to this PNG
     mark=0,                  # loss: draw a vertical line at this position in the plot (e.g. the original block)
     extend='',               # '' | 'interpolate' | 'copy': grow learned positions in memory to reach a length
@@ -46,7 +49,7 @@ defaults = dict(
     depths=[0.0, 0.5, 1.0],  # passkey: needle depth, 0 = start of the text, 1 = right before the question
     samples=50,              # passkey: keys per (length, depth) cell
     batch_size=16,
-    seed=1337,
+    seed=1337,               # passkey: the keys and the filler cut of every cell
     device='cpu',
 )
 
@@ -99,19 +102,22 @@ def encoder(meta):
 # loss by position
 
 @torch.no_grad()
-def loss_by_position(model, data, context, windows, batch_size, seed, device='cpu'):
-    """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over `windows` random windows of
-    `data`; the windows depend only on the seed, so every model is scored on the same text."""
+def loss_by_position(model, data, context, stride, windows, batch_size, device='cpu'):
+    """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over windows that start every
+    `stride` tokens from the beginning of `data` (`windows` of them; 0 = all that fit). With the stride dividing the
+    bucket width, every bucket of positions scores the same tokens, each the same number of times (but for the
+    first and last `context` tokens of the span), so a difference between buckets comes from the context alone,
+    not from which text happened to land there."""
     if len(data) <= context:
         raise ValueError(f"the validation data has {len(data)} tokens, too few for context={context}")
-    ix = torch.randint(len(data) - context, (windows,), generator=torch.Generator().manual_seed(seed))
+    ix = torch.arange(0, len(data) - context, stride)[:windows or None]
     total = torch.zeros(context)
-    for i in tqdm(range(0, windows, batch_size), desc=f'loss at context {context}', leave=False):
+    for i in tqdm(range(0, len(ix), batch_size), desc=f'loss at context {context}', leave=False):
         x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in ix[i:i + batch_size]])
         y = torch.stack([torch.from_numpy(data[j + 1:j + 1 + context].astype(np.int64)) for j in ix[i:i + batch_size]])
         logits, _ = model(x.to(device), y.to(device))  # (B, T, V)
         total += F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction='none').sum(0).cpu()  # (T,)
-    return total / windows
+    return total / len(ix)
 
 
 def buckets(per_position, width):
@@ -175,6 +181,9 @@ def main(argv):
         die(f"mode={cfg['mode']!r} is not one of loss, passkey, both", status=2)
     if cfg['extend'] not in ('', 'interpolate', 'copy'):
         die(f"extend={cfg['extend']!r} is not one of '', interpolate, copy", status=2)
+    for key in ('context', 'bucket', 'stride', 'windows'):
+        if cfg[key] < 0:
+            die(f"{key}={cfg[key]} must not be negative (0 chooses the default)", status=2)
     torch.manual_seed(cfg['seed'])
     models = {}  # label (the path as given) -> (model, checkpoint)
     for path in cfg['ckpt'].split(','):
@@ -189,6 +198,7 @@ def main(argv):
     if cfg['mode'] in ('loss', 'both'):
         context = cfg['context'] or first
         width = cfg['bucket'] or max(context // 8, 1)
+        stride = cfg['stride'] or width
         curves = {}
         for name, (model, ckpt) in models.items():
             m = at_length(model, context, cfg['extend'])
@@ -196,9 +206,10 @@ def main(argv):
                 die(f"{name}: context={context} is past its block_size={model.config.block_size} (learned positions):"
                     f" pass --extend=interpolate or --extend=copy to grow its position table in memory", status=2)
             data = val_data(ckpt, cfg['dataset'])
-            curves[name] = loss_by_position(m, data, context, cfg['windows'], cfg['batch_size'], cfg['seed'],
+            curves[name] = loss_by_position(m, data, context, stride, cfg['windows'], cfg['batch_size'],
                                             cfg['device'])
-        print(f"\nvalidation loss by position, context {context}, {cfg['windows']} windows (seed {cfg['seed']})"
+        n = len(range(0, len(data) - context, stride)[:cfg['windows'] or None])
+        print(f"\nvalidation loss by position, context {context}, {n} windows starting every {stride} tokens"
               + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else ''))
         print('| positions | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))
         table = {name: buckets(c, width) for name, c in curves.items()}

@@ -44,6 +44,7 @@ eval_iters = 200
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # False: save only when val loss improves (and always at the end)
 init_from = 'scratch'  # 'scratch' | 'resume' | a checkpoint file or folder | 'gpt2*' (see the top of the file)
+init_hint = ''  # the command that makes the init_from checkpoint: named in the error when it is missing
 # wandb logging
 wandb_log = False
 wandb_project = 'owt'
@@ -164,8 +165,8 @@ if init_from != 'scratch' and not from_gpt2:
     if os.path.isdir(ckpt_path):
         ckpt_path = os.path.join(ckpt_path, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
-        die(f"init_from={init_from!r}: no checkpoint at {ckpt_path}; train one first, or use --init_from=scratch",
-            status=2)
+        make = f"make it with `{init_hint}`" if init_hint else "train one first, or use --init_from=scratch"
+        die(f"init_from={init_from!r}: no checkpoint at {ckpt_path}; {make}", status=2)
     checkpoint = load_checkpoint(ckpt_path)  # a truncated or foreign file stops here with one line
     saved = checkpoint['model_args']
     if init_from == 'resume' and not {'optimizer', 'scaler', 'iter_num', 'best_val_loss'} <= checkpoint.keys():

@@ -9,6 +9,7 @@
 
 out_dir = 'out-inattn-long'
 init_from = 'out-inattn-shakespeare-char'  # a new run (iteration 0) from these weights
+init_hint = 'python train.py config/inattn_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0'  # named if the checkpoint is missing
 dataset = 'shakespeare_char'
 attention = 'inattention'
 

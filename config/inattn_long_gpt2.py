@@ -7,6 +7,7 @@
 
 out_dir = 'out-inattn-long-gpt2'
 init_from = 'out-inattn-gpt2'  # the checkpoint of config/inattn_gpt2.py; a new run (iteration 0) from its weights
+init_hint = 'torchrun --standalone --nproc_per_node=8 train.py config/inattn_gpt2.py'  # named if the checkpoint is missing
 dataset = 'openwebtext'
 attention = 'inattention'
 wandb_log = True

@@ -8,6 +8,7 @@
 
 out_dir = 'out-long-gpt2'
 init_from = 'out-gpt2'  # the checkpoint of config/train_gpt2.py; a new run (iteration 0) from its weights
+init_hint = 'torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py'  # named if the checkpoint is missing
 dataset = 'openwebtext'
 attention = 'causal'
 wandb_log = True

@@ -150,3 +150,12 @@ def test_runtime_knobs_left_at_default_keep_the_checkpoints_values(char_data, tm
     train(tmp_path, 'changed', *finetune, '--infini_segment=8')
     assert load(tmp_path / 'kept')['model_args']['infini_segment'] == 4
     assert load(tmp_path / 'changed')['model_args']['infini_segment'] == 8
+
+
+def test_long_config_without_its_base_checkpoint_names_the_command_that_makes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, _, stderr = run_here('train.py', str(REPO / 'config' / 'inattn_long.py'), '--out_dir=long')
+    assert status == 2 and len(stderr.strip().splitlines()) == 1
+    assert 'no checkpoint at out-inattn-shakespeare-char;' in stderr
+    assert '`python train.py config/inattn_shakespeare_char.py --device=cpu' in stderr
+    assert not (tmp_path / 'long').exists()
