@@ -101,6 +101,12 @@ def encoder(meta):
 # -----------------------------------------------------------------------------
 # loss by position
 
+def window_starts(n_tokens, context, stride, windows):
+    """Start of every `stride`-th window of `context` tokens from the beginning of the data; the first `windows`
+    of them (0 = all that fit)."""
+    return torch.arange(0, n_tokens - context, stride)[:windows or None]
+
+
 @torch.no_grad()
 def loss_by_position(model, data, context, stride, windows, batch_size, device='cpu'):
     """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over windows that start every
@@ -110,7 +116,7 @@ def loss_by_position(model, data, context, stride, windows, batch_size, device='
     not from which text happened to land there."""
     if len(data) <= context:
         raise ValueError(f"the validation data has {len(data)} tokens, too few for context={context}")
-    ix = torch.arange(0, len(data) - context, stride)[:windows or None]
+    ix = window_starts(len(data), context, stride, windows)
     total = torch.zeros(context)
     for i in tqdm(range(0, len(ix), batch_size), desc=f'loss at context {context}', leave=False):
         x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in ix[i:i + batch_size]])
@@ -208,7 +214,7 @@ def main(argv):
             data = val_data(ckpt, cfg['dataset'])
             curves[name] = loss_by_position(m, data, context, stride, cfg['windows'], cfg['batch_size'],
                                             cfg['device'])
-        n = len(range(0, len(data) - context, stride)[:cfg['windows'] or None])
+        n = len(window_starts(len(data), context, stride, cfg['windows']))
         print(f"\nvalidation loss by position, context {context}, {n} windows starting every {stride} tokens"
               + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else ''))
         print('| positions | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))

@@ -333,14 +333,20 @@ def micro_seed(it, micro_step):
     return int(np.random.SeedSequence([seed, it, micro_step]).generate_state(1)[0])
 
 
-def stop_all(message):
-    """Stop every process, which all reached the same decision: leave the process group first (gloo's threads abort
-    noisily at exit otherwise), then the master process says why in one line."""
-    if ddp:
-        dist.destroy_process_group()
+def leave_process_group(worker_status):
+    """DDP's exit: destroy the process group; a worker then exits at once. With torch 2.13 + gloo, a worker's
+    interpreter teardown aborted ("terminate called without an active exception") in ~1 run of 5, so it skips it."""
+    dist.destroy_process_group()
     if not master_process:
         sys.stdout.flush(), sys.stderr.flush()
-        os._exit(1)  # skip the interpreter's teardown: see the end of the file
+        os._exit(worker_status)
+
+
+def stop_all(message):
+    """Stop every process, which all reached the same decision: leave the process group first, then the master
+    process says why in one line."""
+    if ddp:
+        leave_process_group(1)
     die(message)
 
 
@@ -462,7 +468,4 @@ while True:
 
 if ddp:
     dist.barrier()  # every process leaves after the master's last checkpoint
-    dist.destroy_process_group()
-    if not master_process:  # with torch 2.13 + gloo, a worker's interpreter teardown aborted ("terminate called
-        sys.stdout.flush(), sys.stderr.flush()  # without an active exception") in ~1 run of 5; skip the teardown
-        os._exit(0)
+    leave_process_group(0)
