@@ -20,7 +20,6 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 attention = 'infini'  # softmax inside a segment, a compressive memory across segments
-pos_emb = 'none'  # RoPE inside each segment instead: no position table, so it runs at any length
 infini_segment = 64  # 4 segments at the training length: the needle must often cross the memory
 
 learning_rate = 1e-3

@@ -21,7 +21,6 @@ n_head = 6
 n_embd = 384
 dropout = 0.2
 attention = 'infini'  # softmax inside a segment, a compressive memory across segments
-pos_emb = 'none'  # RoPE inside each segment instead: no position table, so no length limit
 infini_segment = 16  # 16 segments per 256-token training sequence (4 at the CPU recipe's block_size=64)
 
 learning_rate = 1e-3

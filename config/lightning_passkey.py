@@ -20,7 +20,6 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 attention = 'lightning'  # linear attention with a fixed per-head decay, trained in blocks
-pos_emb = 'none'  # the decay carries position: no position table, so it runs at any length
 
 learning_rate = 1e-3
 max_iters = 4000

@@ -1,5 +1,5 @@
 # the miniature character-level Shakespeare model of train_shakespeare_char.py with Lightning attention:
-# every setting is the same except `attention` and `pos_emb` (and out_dir)
+# every setting is the same except `attention` (and out_dir); the class brings its own positions
 
 out_dir = 'out-lightning-shakespeare-char'
 eval_interval = 250
@@ -21,7 +21,6 @@ n_head = 6
 n_embd = 384
 dropout = 0.2
 attention = 'lightning'  # linear attention with a fixed per-head decay, trained in blocks
-pos_emb = 'none'  # the decay carries position: no position table, so no length limit
 
 learning_rate = 1e-3
 max_iters = 5000

@@ -126,7 +126,7 @@ def test_heads_are_split_without_leaking_time():
     attn = layer(infini_segment=3)
     B, T, C, H = 2, 7, 32, attn.n_head
     t = torch.arange(B * T * C, dtype=torch.float32).view(B, T, C)
-    heads = attn.heads(t)
+    heads = attn.split_heads(t)
     for h in range(H):
         assert torch.equal(heads[:, h], t[:, :, h * C // H:(h + 1) * C // H])
     x = torch.randn(B, T, C)

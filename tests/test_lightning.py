@@ -85,7 +85,7 @@ def test_recurrent_and_chunked_prefill_equal_block_form(T):
     y_rec = torch.cat([attn(x[:, t:t + 1], None, cache) for t in range(T)], dim=1)  # one token at a time
     torch.testing.assert_close(y_rec, y, atol=1e-5, rtol=0)
     q, k, v = attn.c_attn(x).double().split(32, dim=2)
-    q, k, v = attn.heads(F.silu(q)), attn.heads(F.silu(k)), attn.heads(v)
+    q, k, v = attn.split_heads(F.silu(q)), attn.split_heads(F.silu(k)), attn.split_heads(v)
     _, kv_ref = naive(q, k, v, attn.decay_rate, torch.zeros(2, 4, 8, 8, dtype=torch.float64))
     torch.testing.assert_close(cache['kv'].double(), kv_ref, atol=1e-5, rtol=1e-5)  # a sum of many terms: ~30
     cache = {}
@@ -147,3 +147,19 @@ def test_state_stays_fp32_under_autocast():
         logits, _ = m(torch.randint(0, 37, (1, 1)), cache=cache)
     assert all(t.dtype == torch.float32 for t in cache.tensors())
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize('T', [5, 16, 29])
+def test_quadratic_form_equals_block_form(T):
+    """sdpa=False trains with the T x T matrix (the readable form): same logits and gradients."""
+    idx = torch.randint(0, 37, (2, T), generator=torch.Generator().manual_seed(T))
+    grads = []
+    for sdpa in (True, False):
+        model = tiny(sdpa=sdpa, block_size=32).train()
+        logits, loss = model(idx, idx)
+        loss.backward()
+        grads.append((logits, [p.grad for p in model.parameters() if p.grad is not None]))
+    (logits_a, ga), (logits_b, gb) = grads
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=0)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -1,9 +1,13 @@
 """Behaviour of model.py shared by every attention variant, and the core claims of InAttention."""
+from pathlib import Path
+
 import pytest
 import torch
 
 import model as model_module
 from model import ATTENTIONS, GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(attention='causal', **kw):
@@ -62,8 +66,8 @@ def test_absorbed_decode_equals_standard_attention():
     C = 32
     Wq, Wk, Wv = attn.c_attn.weight.split(C)
     bq, bk, bv = attn.c_attn.bias.split(C)
-    q = attn.heads(x @ Wq.T + bq)
-    k, v = attn.heads(s @ Wk.T + bk), attn.heads(s @ Wv.T + bv)
+    q = attn.split_heads(x @ Wq.T + bq)
+    k, v = attn.split_heads(s @ Wk.T + bk), attn.split_heads(s @ Wv.T + bv)
     y = torch.softmax(q @ k.transpose(-2, -1) / (C // 4) ** 0.5, dim=-1) @ v  # the last query sees all 17
     standard = attn.c_proj(y.transpose(1, 2).reshape(3, 1, C))
     torch.testing.assert_close(absorbed, standard, atol=1e-5, rtol=0)
@@ -199,3 +203,23 @@ def test_from_pretrained_matches_transformers(attention, tmp_path):
     else:  # same weights, different attention inputs: loads every tensor, computes something else
         torch.testing.assert_close(m.lm_head.weight, hf.lm_head.weight)
         assert not torch.allclose(ours, hf(idx).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize('attention', list(ATTENTIONS))
+def test_attention_flag_alone_gives_the_class_positions(attention):
+    """pos_emb='auto' asks the attention class; an explicit value still overrides it."""
+    cls = ATTENTIONS[attention]
+    model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=8,
+                          attention=attention))
+    assert model.config.pos_emb == cls.pos_emb
+    assert (model.transformer.wpe is None) == (cls.pos_emb == 'none')
+    assert (model.transformer.ln_in is None) == (not cls.reads_s)
+    forced = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=8,
+                           attention=attention, pos_emb='learned'))
+    assert forced.transformer.wpe is not None
+
+
+def test_gpt_never_asks_for_a_variant_by_name():
+    """GPT asks the attention class what it needs; only the registry names the variants."""
+    source = (REPO / 'model.py').read_text()
+    assert "== 'inattention'" not in source and "== 'lightning'" not in source
