@@ -13,7 +13,8 @@ Every attention class has the same interface, so an ablation changes exactly one
   __init__(config, layer_idx)
   forward(x, s, cache) -> y      x (B, T, C): the block's ln_1 output; s (B, Tk, C): the initial
                                  states, or None when the class does not read them; cache: this
-                                 layer's decoding state (a dict the class fills), None in training.
+                                 layer's decoding state (a dict the class fills; grow() appends
+                                 along time without copying what it holds), None in training.
                                  The queries are the last T of the Tk positions.
   state_bytes(config, T, dtype)  formula: bytes of one layer's decoding state after T tokens
   pos_emb                        what the GPT must add to the token embeddings: 'learned' or 'none'
@@ -106,12 +107,30 @@ def attend(q, k, v, dropout_p=0.0, sdpa=True):
     return att @ v
 
 
-def append(cache, name, t):
-    """Concatenate t (B, H, T, hd) onto cache[name] along time and return the whole."""
-    if name in cache:
-        t = torch.cat([cache[name], t], dim=2)
-    cache[name] = t
-    return t
+def grow(state, name, t, dim=2, capacity=None):
+    """Append t to state[name] along dim (time) and return all of it. state[name] holds exactly the
+    tokens kept (what Cache.nbytes() counts): a view of the first tokens of a longer tensor,
+    state['room'][name]. A new token is written in place; only a full room is copied, once, into
+    one twice as long. (torch.cat copies everything held at every token, O(T) per token; doubling
+    costs O(1) per token, amortised.) The first room has space for capacity tokens, by default
+    state['capacity'] (see Cache), or for what the first write needs."""
+    held = state[name].size(dim) if name in state else 0
+    n = held + t.size(dim)
+    rooms = state.setdefault('room', {})
+    room = rooms.get(name)
+    if room is None or room.size(dim) < n:  # no room yet, or full: a longer one
+        size = max(n, capacity or state.get('capacity') or 0)
+        if room is not None:
+            size = max(size, 2 * room.size(dim))
+        shape = list(t.shape)
+        shape[dim] = size
+        room = t.new_empty(shape)
+        if held:
+            room.narrow(dim, 0, held).copy_(state[name])
+        rooms[name] = room
+    room.narrow(dim, held, t.size(dim)).copy_(t)
+    state[name] = room.narrow(dim, 0, n)
+    return state[name]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -153,8 +172,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = map(self.split_heads, self.c_attn(x).split(C, dim=2))
         if cache is not None:  # decoding: the keys and values of all earlier tokens are kept
-            k = append(cache, 'k', k)
-            v = append(cache, 'v', v)
+            k = grow(cache, 'k', k)
+            v = grow(cache, 'v', v)
         y = attend(q, k, v, self.attn_dropout(), self.sdpa)
         return self.resid_dropout(self.c_proj(self.merge_heads(y)))
 
@@ -188,8 +207,8 @@ class InAttention(CausalSelfAttention):
             bq, bk, bv = self.c_attn.bias.split(C)
         q = self.split_heads(F.linear(x, Wq, bq))
         if cache is not None and self.cache_layout == 'kv':  # s holds the new tokens only
-            k = append(cache, 'k', self.split_heads(F.linear(s, Wk, bk)))
-            v = append(cache, 'v', self.split_heads(F.linear(s, Wv, bv)))
+            k = grow(cache, 'k', self.split_heads(F.linear(s, Wk, bk)))
+            v = grow(cache, 'v', self.split_heads(F.linear(s, Wv, bv)))
             y = attend(q, k, v, 0.0, self.sdpa)
         elif T == 1:  # one-token decode from the cache of s: Wk and Wv absorbed, no K or V built
             y = self.absorbed(q, s, Wk, Wv, bv)
@@ -350,30 +369,35 @@ class InfiniAttention(CausalSelfAttention):
     def forward(self, x, s, cache=None):
         B, T, C = x.size()
         q, k, v = map(self.split_heads, self.c_attn(x).split(C, dim=2))  # (B, H, T, hd) each
-        cache = {} if cache is None else cache  # training: a fresh memory, dropped afterwards
+        state = {} if cache is None else cache  # training: a fresh memory, dropped afterwards
         H, hd, N = self.n_head, C // self.n_head, self.segment
         zeros = dict(dtype=torch.float32, device=x.device)
-        M = cache['M'] if 'M' in cache else torch.zeros(B, H, hd, hd, **zeros)
-        z = cache['z'] if 'z' in cache else torch.zeros(B, H, hd, **zeros)
+        M = state['M'] if 'M' in state else torch.zeros(B, H, hd, hd, **zeros)
+        z = state['z'] if 'z' in state else torch.zeros(B, H, hd, **zeros)
         gate = torch.sigmoid(self.beta).view(1, H, 1, 1)
         ys = []
         t = 0
         while t < T:  # one piece per segment; the first completes the cached segment, if any
-            P = cache['k'].size(2) if 'k' in cache else 0  # tokens of this segment already seen
+            P = state['k'].size(2) if 'k' in state else 0  # tokens of this segment already seen
             n = min(N - P, T - t)
             qs = q[:, :, t:t + n]
-            ks = append(cache, 'k', k[:, :, t:t + n])  # (B, H, P + n, hd)
-            vs = append(cache, 'v', v[:, :, t:t + n])
+            if cache is None:  # training: every segment starts empty; its K, V are slices
+                ks = k[:, :, t:t + n]
+                vs = v[:, :, t:t + n]
+            else:  # decoding: after the segment's earlier tokens, in a room of N tokens
+                ks = grow(cache, 'k', k[:, :, t:t + n], capacity=N)  # (B, H, P + n, hd)
+                vs = grow(cache, 'v', v[:, :, t:t + n], capacity=N)
             y = attend(self.rope(qs, P), self.rope(ks, 0), vs, self.attn_dropout(), self.sdpa)
             if self.memory:
                 y = gate * self.retrieve(qs, M, z).to(y.dtype) + (1 - gate) * y
             if P + n == N:  # the segment is complete: fold it into the memory, forget its K, V
                 M, z = self.fold(ks, vs, M, z)
-                del cache['k'], cache['v']
+                if cache is not None:  # the room stays, for the next segment
+                    del cache['k'], cache['v']
             ys.append(y)
             t += n
-        cache['M'] = M
-        cache['z'] = z
+        state['M'] = M
+        state['z'] = z
         y = self.merge_heads(torch.cat(ys, dim=2))
         return self.resid_dropout(self.c_proj(y))
 
@@ -455,27 +479,41 @@ class Block(nn.Module):
 
 class Cache:
     """Everything a decoder keeps between steps, and nothing else:
-    pos     the number of tokens processed so far
-    s       the initial states (B, pos, C), kept once for all layers when the attention asks for it
-    layers  one dict per layer, filled by its attention class (K/V, recurrent state, memory, ...)"""
+    pos       the number of tokens processed so far
+    shared    the state every layer reads: the initial states 's' (B, pos, C), kept once for all
+              layers when the attention asks for them
+    layers    one dict per layer, filled by its attention class (K/V, recurrent state, memory, ...)
+    capacity  the tokens each growing tensor gets room for at its first write (see grow): the
+              text's final length when it is known (generate_tokens), so that decoding never
+              copies a cache; None: room for what the first write needs, doubled whenever full
+    In each dict the tensors are the state; 'capacity' and 'room' (what the growing tensors are
+    views of) are bookkeeping, not counted by nbytes()."""
 
-    def __init__(self, n_layer):
+    def __init__(self, n_layer, capacity=None):
         self.pos = 0
-        self.s = None
-        self.layers = [{} for _ in range(n_layer)]
+        self.shared = dict(capacity=capacity)
+        self.layers = [dict(capacity=capacity) for _ in range(n_layer)]
 
-    def extend_s(self, s):
-        """Append the new tokens' initial states (B, T, C); return all of them (B, pos + T, C)."""
-        self.s = s if self.s is None else torch.cat([self.s, s], dim=1)
-        return self.s
+    def states(self):
+        return [self.shared] + self.layers
 
     def tensors(self):
-        held = [t for layer in self.layers for t in layer.values() if torch.is_tensor(t)]
-        return held if self.s is None else [self.s] + held
+        """The state held: of a growing tensor, the view of its tokens."""
+        return [t for state in self.states() for t in state.values() if torch.is_tensor(t)]
 
     def nbytes(self):
-        """Bytes actually held, measured from the tensors (decode_state_bytes is the formula)."""
+        """Bytes held, measured from the tensors (decode_state_bytes is the formula)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def allocated_nbytes(self):
+        """Bytes allocated: the rooms whole (spare space included), and the other tensors."""
+        n = 0
+        for state in self.states():
+            rooms = state.get('room', {})
+            n += sum(t.nbytes for t in rooms.values())
+            held = [t for name, t in state.items() if torch.is_tensor(t) and name not in rooms]
+            n += sum(t.nbytes for t in held)
+        return n
 
 
 class GPT(nn.Module):
@@ -537,7 +575,7 @@ class GPT(nn.Module):
         if self.transformer.ln_in is not None:  # the attention reads s = ln_in(x0) in every layer
             s = self.transformer.ln_in(x)
             if cache is not None and ATTENTIONS[self.config.attention].caches_s(self.config):
-                s = cache.extend_s(s)  # (B, pos0 + T, C)
+                s = grow(cache.shared, 's', s, dim=1)  # (B, pos0 + T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, s, None if cache is None else cache.layers[i])
         if cache is not None:
@@ -650,8 +688,9 @@ class GPT(nn.Module):
 
     # --- decoding ------------------------------------------------------------------------------
 
-    def new_cache(self):
-        return Cache(self.config.n_layer)
+    def new_cache(self, capacity=None):
+        """An empty decoding state; capacity: the tokens it will hold, when known (see Cache)."""
+        return Cache(self.config.n_layer, capacity)
 
     def decode_state_bytes(self, T, dtype=torch.float32, batch_size=1):
         """Formula for the decoding state after T tokens; Cache.nbytes() measures the real one."""
@@ -681,14 +720,15 @@ class GPT(nn.Module):
         limit = self.config.block_size if self.transformer.wpe is not None else None
         start = 0
         cache = None
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if limit is not None and idx.size(1) - start > limit:
                 start = idx.size(1) - limit // 2  # slide the window; the cache is rebuilt
                 cache = None
             if not use_cache:
                 logits, _ = self(idx[:, start:])
-            elif cache is None:
-                cache = self.new_cache()
+            elif cache is None:  # room for every token it will hold: decoding copies no cache
+                length = idx.size(1) - start + max_new_tokens - 1 - step  # the last is not fed
+                cache = self.new_cache(min(length, limit or length))
                 logits = self.prefill(idx[:, start:], cache, prefill_chunk)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)

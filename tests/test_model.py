@@ -124,6 +124,43 @@ def test_decode_state_measured_equals_formula(kw):
     assert cache.nbytes() == m.decode_state_bytes(21) > 0
 
 
+@pytest.mark.parametrize('kw', VARIANTS, ids=IDS)
+@pytest.mark.parametrize('capacity', [None, 4, 64])
+def test_growing_past_capacity_keeps_the_tokens(kw, capacity):
+    # a cache with room for 4 tokens (or none given) doubles its rooms while 21 tokens come in; with
+    # room for 64 it never reallocates. Either way: the full forward's logits, the formula's bytes.
+    m = tiny(**kw, block_size=64)
+    idx = torch.randint(0, 37, (2, 21))
+    full, _ = m(idx, idx)
+    cache = m.new_cache(capacity)
+    with torch.no_grad():
+        m.prefill(idx[:, :3], cache, chunk=2)
+        rooms = [r for state in cache.states() for r in state.get('room', {}).values()]
+        steps = [m(idx[:, t:t + 1], cache=cache)[0] for t in range(3, 21)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 3:], atol=1e-5, rtol=0)
+    assert cache.nbytes() == m.decode_state_bytes(21, batch_size=2) <= cache.allocated_nbytes()
+    if capacity == 64:  # room for everything from the start: no room was ever replaced
+        now = [r for state in cache.states() for r in state.get('room', {}).values()]
+        assert len(now) == len(rooms) and all(a is b for a, b in zip(now, rooms))
+
+
+@pytest.mark.parametrize('prompt_len,new', [(5, 30), (29, 40)])
+def test_generation_sizes_the_cache_once(prompt_len, new, monkeypatch):
+    # generate_tokens knows how many tokens each cache will hold: its first rooms fit them all, so
+    # none is ever doubled (29 + 40 tokens slide the window of block_size=32: new caches)
+    m = tiny('causal', block_size=32)
+    caches = []
+    real = GPT.new_cache
+    monkeypatch.setattr(GPT, 'new_cache', lambda self, capacity=None:
+                        caches.append(real(self, capacity)) or caches[-1])
+    m.generate(torch.zeros(1, prompt_len, dtype=torch.long), new, temperature=0)
+    assert caches[0].pos == min(prompt_len + new - 1, 32)
+    for cache in caches:
+        for layer in cache.layers:
+            assert [room.size(2) for room in layer['room'].values()] == [layer['capacity']] * 2
+            assert layer['k'].size(2) == cache.pos <= layer['capacity']
+
+
 def test_inattention_state_is_one_over_2L_of_kv_cache():
     causal, inattn = tiny('causal', n_layer=12), tiny('inattention', n_layer=12)
     assert causal.decode_state_bytes(1000) == 24 * inattn.decode_state_bytes(1000)
