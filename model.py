@@ -47,6 +47,7 @@ class GPTConfig:
     pos_emb: str = 'auto'    # 'auto': the attention class's choice; 'learned' (wpe) or 'none'
     sdpa: bool = True        # fused kernels; False = the readable quadratic form (T x T matrix)
     inattn_cache: str = 's'  # InAttention's decoding state: 's' (absorbed decode) or 'kv'
+    inattn_decode: str = 'auto'  # absorbed decode: 'gemm' (two passes over s), 'stream' (one pass)
     lightning_block: int = 64     # Lightning: block length of the tiled training form
     infini_segment: int = 64      # Infini-attention: segment length N
     infini_update: str = 'linear'  # Infini-attention memory update: 'linear' or 'delta'
@@ -61,7 +62,7 @@ def check_config(config):
     if config.n_embd % config.n_head != 0:
         raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
     choices = dict(pos_emb=('auto', 'learned', 'none'), inattn_cache=('s', 'kv'),
-                   infini_update=('linear', 'delta'))
+                   inattn_decode=('auto', 'gemm', 'stream'), infini_update=('linear', 'delta'))
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             raise ValueError(f"unknown {name} {getattr(config, name)!r}; valid: {', '.join(valid)}")
@@ -195,9 +196,12 @@ class InAttention(CausalSelfAttention):
 
     reads_s = True
 
+    stream_block = 1024  # tokens of s per block of the one-pass decode: few enough to stay in cache
+
     def __init__(self, config, layer_idx):
         super().__init__(config, layer_idx)
         self.cache_layout = config.inattn_cache
+        self.decode = self.decode_form(config)
 
     def forward(self, x, s, cache=None):
         B, T, C = x.size()
@@ -222,16 +226,51 @@ class InAttention(CausalSelfAttention):
         """One query per head against all of s (B, Tk, C), without building K or V:
             q·k_j = (Wk_hᵀ q_h)·s_j          Σ_j p_j v_j = Wv_h (Σ_j p_j s_j) + bv_h
         The key bias adds the same q·bk to every score, which the softmax cancels; the value bias
-        is added once because Σ_j p_j = 1. H times the attention FLOPs of a K/V cache."""
+        is added once because Σ_j p_j = 1. H times the attention FLOPs of a K/V cache, on the
+        bytes of one layer's K: the H absorbed queries q̃_h = Wk_hᵀ q_h are the rows of one GEMM."""
         B, H, _, hd = q.size()  # (B, H, 1, hd)
         C = s.size(-1)
-        q_tilde = torch.einsum('bhtd,hdc->bhtc', q, Wk.view(H, hd, C)) / math.sqrt(hd)  # (B,H,1,C)
-        att = F.softmax(q_tilde @ s.unsqueeze(1).transpose(-2, -1), dim=-1)  # (B, H, 1, Tk)
-        z = att @ s.unsqueeze(1)  # (B, H, 1, C): attention-weighted initial states
-        y = torch.einsum('bhtc,hdc->bhtd', z, Wv.view(H, hd, C))  # (B, H, 1, hd)
+        q_tilde = torch.einsum('bhd,hdc->bhc', q[:, :, 0], Wk.view(H, hd, C)) / math.sqrt(hd)
+        if self.decode == 'stream':
+            z = self.weighted_s_stream(q_tilde, s, self.stream_block)  # (B, H, C)
+        else:
+            z = self.weighted_s_gemm(q_tilde, s)
+        y = torch.einsum('bhc,hdc->bhd', z, Wv.view(H, hd, C))  # (B, H, hd)
         if bv is not None:
-            y = y + bv.view(1, H, 1, hd)
-        return y
+            y = y + bv.view(1, H, hd)
+        return y.unsqueeze(2)  # (B, H, 1, hd)
+
+    @staticmethod
+    def weighted_s_gemm(q, s):
+        """z_h = softmax(q_h sᵀ) s for q (B, H, C), s (B, Tk, C), in two passes over s, each one
+        GEMM with the heads as rows: scores (B,H,C) @ (B,C,Tk), then weights (B,H,Tk) @ (B,Tk,C)."""
+        att = F.softmax(q @ s.transpose(1, 2), dim=-1)  # (B, H, Tk)
+        return att @ s  # (B, H, C): the attention-weighted initial states
+
+    @staticmethod
+    def weighted_s_stream(q, s, block):
+        """The same z in one pass over s, `block` tokens at a time, each block scored and summed
+        while it is in cache (online softmax, as flash-decoding). Running max m, l = Σ_j e^(a_j-m),
+        z = Σ_j e^(a_j-m) s_j; a block with scores a and new max m' rescales l, z by e^(m-m')."""
+        B, H, C = q.size()
+        acc = dict(dtype=torch.float32, device=q.device)  # running sums in fp32 whatever the dtype
+        m = torch.full((B, H, 1), -math.inf, **acc)
+        l = torch.zeros(B, H, 1, **acc)
+        z = torch.zeros(B, H, C, **acc)
+        for s_b in s.split(block, dim=1):  # (B, n, C)
+            a = (q @ s_b.transpose(1, 2)).float()  # (B, H, n): this block's scores
+            m_new = torch.maximum(m, a.amax(dim=-1, keepdim=True))
+            p = torch.exp(a - m_new)  # (B, H, n)
+            r = torch.exp(m - m_new)  # (B, H, 1): rescales what was summed under the old max
+            l = l * r + p.sum(dim=-1, keepdim=True)
+            z = z * r + (p.to(s.dtype) @ s_b).float()
+            m = m_new
+        return (z / l).to(q.dtype)
+
+    @staticmethod
+    def decode_form(config):
+        """The absorbed step's form: inattn_decode, where 'auto' is 'gemm' (TODO measure)."""
+        return 'gemm' if config.inattn_decode == 'auto' else config.inattn_decode
 
     @staticmethod
     def caches_s(config):

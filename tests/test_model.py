@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import model as model_module
-from model import ATTENTIONS, GPT, GPTConfig
+from model import ATTENTIONS, GPT, GPTConfig, InAttention
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,9 +17,19 @@ def tiny(attention='causal', **kw):
     return GPT(GPTConfig(**args)).eval()
 
 
-# every registered variant, plus the second cache layout of InAttention
-VARIANTS = [dict(attention=a) for a in ATTENTIONS] + [dict(attention='inattention', inattn_cache='kv')]
-IDS = [v['attention'] + ('-' + v['inattn_cache'] if 'inattn_cache' in v else '') for v in VARIANTS]
+# every registered variant, plus the second cache layout of InAttention and its two decode forms
+VARIANTS = [dict(attention=a) for a in ATTENTIONS] + [
+    dict(attention='inattention', inattn_cache='kv'),
+    dict(attention='inattention', inattn_decode='gemm'),
+    dict(attention='inattention', inattn_decode='stream'),
+]
+IDS = ['-'.join(map(str, v.values())) for v in VARIANTS]
+
+
+@pytest.fixture(autouse=True)
+def small_stream_blocks(monkeypatch):
+    # blocks of 4 tokens: the one-pass decode runs over several blocks even in these short texts
+    monkeypatch.setattr(InAttention, 'stream_block', 4)
 
 
 @pytest.mark.parametrize('kw', VARIANTS, ids=IDS)
@@ -68,20 +78,23 @@ def test_absorbed_decode_equals_standard_attention():
     bq, bk, bv = attn.c_attn.bias.split(C)
     q = attn.split_heads(x @ Wq.T + bq)
     k, v = attn.split_heads(s @ Wk.T + bk), attn.split_heads(s @ Wv.T + bv)
-    y = torch.softmax(q @ k.transpose(-2, -1) / (C // 4) ** 0.5, dim=-1) @ v  # the last query sees all 17
+    # the last query sees all 17
+    y = torch.softmax(q @ k.transpose(-2, -1) / (C // 4) ** 0.5, dim=-1) @ v
     standard = attn.c_proj(y.transpose(1, 2).reshape(3, 1, C))
     torch.testing.assert_close(absorbed, standard, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('attention', ['causal', 'inattention'])
 def test_keys_and_values_depend_on_initial_states_only(attention, monkeypatch):
-    # InAttention's defining property: perturbing the residual stream between blocks changes the queries of
-    # later layers but not one key or value of any layer. Causal attention is the control: its keys move.
+    # InAttention's defining property: perturbing the residual stream between blocks changes the
+    # queries of later layers but not one key or value of any layer. Causal attention is the
+    # control: its keys move.
     m = tiny(attention)
     idx = torch.randint(0, 37, (2, 12))
     seen = []
     real_attend = model_module.attend
-    monkeypatch.setattr(model_module, 'attend', lambda q, k, v, *a: seen.append((q, k, v)) or real_attend(q, k, v, *a))
+    monkeypatch.setattr(model_module, 'attend',
+                        lambda q, k, v, *a: seen.append((q, k, v)) or real_attend(q, k, v, *a))
     m(idx, idx)
     clean, seen[:] = list(seen), []
     m.transformer.h[0].register_forward_hook(lambda mod, inp, out: out + torch.randn_like(out))
@@ -161,6 +174,23 @@ def test_generation_sizes_the_cache_once(prompt_len, new, monkeypatch):
             assert layer['k'].size(2) == cache.pos <= layer['capacity']
 
 
+@pytest.mark.parametrize('dtype,atol', [(torch.float32, 1e-5), (torch.bfloat16, 4e-2)])
+def test_stream_decode_equals_two_pass_gemm(dtype, atol):
+    # the one-pass online softmax over blocks of s gives the two-pass softmax(q sᵀ) s. fp32: to
+    # rounding (and the float64 value to 1e-5). bf16: both round the scores (~20 here) to 8 bits, so
+    # both are ~0.1 from the exact value, but they agree to two bf16 steps of |z| < 4 (2^-6 each)
+    g = torch.Generator().manual_seed(0)
+    q = (2 * torch.randn(3, 4, 32, generator=g)).to(dtype)  # large scores: the running max moves
+    s = torch.randn(3, 50, 32, generator=g).to(dtype)  # 50 = 12 blocks of 4 and a block of 2
+    two_pass = InAttention.weighted_s_gemm(q, s)
+    one_pass = InAttention.weighted_s_stream(q, s, 4)
+    assert one_pass.dtype == two_pass.dtype == dtype
+    torch.testing.assert_close(one_pass.float(), two_pass.float(), atol=atol, rtol=0)
+    if dtype == torch.float32:
+        exact = InAttention.weighted_s_gemm(q.double(), s.double())
+        torch.testing.assert_close(one_pass.double(), exact, atol=atol, rtol=0)
+
+
 def test_inattention_state_is_one_over_2L_of_kv_cache():
     causal, inattn = tiny('causal', n_layer=12), tiny('inattention', n_layer=12)
     assert causal.decode_state_bytes(1000) == 24 * inattn.decode_state_bytes(1000)
@@ -176,7 +206,8 @@ def test_no_position_embedding_runs_past_block_size():
     m = tiny('inattention', pos_emb='none')
     assert m.transformer.wpe is None
     out = m.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=0)
-    assert torch.equal(out, m.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=0, use_cache=False))
+    uncached = m.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=0, use_cache=False)
+    assert torch.equal(out, uncached)
 
 
 def test_crop_block_size_keeps_first_rows():
@@ -190,7 +221,7 @@ def test_crop_block_size_keeps_first_rows():
 def test_extend_block_size_interpolate_and_copy():
     m = tiny(block_size=4)
     old = m.transformer.wpe.weight.detach().clone()
-    m.extend_block_size(8, 'interpolate')  # new row i = old table read at i * 3/7: end points aligned
+    m.extend_block_size(8, 'interpolate')  # new row i = old row i * 3/7: end points aligned
     new = m.transformer.wpe.weight.detach()
     assert new.shape == (8, 32)
     torch.testing.assert_close(new[0], old[0])
@@ -214,6 +245,8 @@ def test_config_errors():
         GPT(GPTConfig(n_embd=30, n_head=4))
     with pytest.raises(ValueError, match='pos_emb'):
         GPT(GPTConfig(pos_emb='rotary'))
+    with pytest.raises(ValueError, match="inattn_decode 'flash'; valid: auto, gemm, stream"):
+        GPT(GPTConfig(attention='inattention', inattn_decode='flash'))
 
 
 def test_optimizer_groups_cover_every_parameter_once():
@@ -228,7 +261,8 @@ def test_optimizer_groups_cover_every_parameter_once():
 @pytest.mark.parametrize('attention', ['causal', 'inattention'])
 def test_from_pretrained_matches_transformers(attention, tmp_path):
     transformers = pytest.importorskip('transformers')
-    hf_config = transformers.GPT2Config(n_positions=32, n_embd=32, n_layer=2, n_head=4, vocab_size=37)
+    hf_config = transformers.GPT2Config(n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                        vocab_size=37)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     hf.save_pretrained(tmp_path)
