@@ -2,23 +2,29 @@
 Memory and speed of every attention variant against context length T:
 
   state    decoding-state bytes after a T-token prompt: measured (cache.nbytes()) beside the formula
-  prefill  peak memory of reading a T-token prompt and producing the first new token (weights excluded)
-  decode   decode tokens/s at context T with the cache and without it (recomputing the context), prefill tokens/s
+  prefill  peak memory of reading a T-token prompt and producing the first new token (no weights)
+  decode   decode tokens/s at context T with the cache, against the machine's limits for it: the
+           bytes and FLOPs a step needs (formulas), the read bandwidth and GEMM throughput (measured
+           in the cell); without the cache (the context recomputed; skipped above T = 8192 unless
+           --uncached); prefill tokens/s
   train    peak memory and tokens/s of one forward+backward step (gradients included)
-  budget   the longest context whose inference fits in --budget: a linear extrapolation of prefill peak vs T
+  budget   the longest context whose inference fits in --budget: prefill peak vs T, extrapolated
 
 $ python bench_vram.py --preset tiny --contexts 256,1024 --mode state,prefill,decode,train
+$ python bench_vram.py --preset gpt2 --variants causal,inattention --contexts 8192,32768 \
+      --mode decode --threads 2
 $ python bench_vram.py --preset gpt2 --contexts 1024,4096,32768 --mode state,prefill --plot vram.png
 
-Every cell (variant, T, inference or training) runs in a fresh process with a memory limit and a timeout, so an
-out-of-memory or hung cell is reported as OOM / timeout and the rest go on. Weights are random: memory and
-speed do not depend on what the model learned.
+Every cell (variant, T, inference or training) runs in a fresh process with a memory limit and a
+timeout, so an out-of-memory or hung cell is reported as OOM / timeout and the rest go on. Weights
+are random: memory and speed do not depend on what the model learned.
 
-Memory on CUDA: torch.cuda.max_memory_allocated above what was allocated before the step. On CPU the same
-quantity is counted by Tracker: the bytes of tensor storages created during the step and still alive, peak
-over the step (fused kernels' internal scratch buffers are not tensors and are not seen). A second, coarser
-figure: the peak RSS of the cell's process (ru_maxrss) above its RSS when the step starts, model built and
-warmed up (the peak count is reset then); it includes allocator slack and freed memory not yet returned.
+Memory on CUDA: torch.cuda.max_memory_allocated above what was allocated before the step. On CPU
+the same quantity is counted by Tracker: the bytes of tensor storages created during the step and
+still alive, peak over the step (fused kernels' internal scratch buffers are not tensors and are not
+seen). A second, coarser figure: the peak RSS of the cell's process (ru_maxrss) above its RSS when
+the step starts, model built and warmed up (the peak count is reset then); it includes allocator
+slack and freed memory not yet returned.
 """
 
 import argparse
@@ -37,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
-from model import ATTENTIONS, GPT, CausalSelfAttention, GPTConfig, InAttention
+from model import ATTENTIONS, GPT, CausalSelfAttention, GPTConfig, InAttention, InfiniAttention
 
 PRESETS = {
     'tiny': dict(n_layer=2, n_head=2, n_embd=64, vocab_size=65),
@@ -46,31 +52,38 @@ PRESETS = {
 }
 MODES = ('state', 'prefill', 'decode', 'train')
 DECODE_STEPS = 16  # timed decode steps after one warm-up step
+UNCACHED_MAX_T = 8192  # above it the uncached decode (minutes a token) is skipped; --uncached: not
+PROBE_BYTES = 2 * 2**30  # the bandwidth probe sums a tensor this large: far beyond any cache
 
 
 def variants():
     """Every registered attention class, plus the ablation rows: name -> GPTConfig overrides."""
     out = {}
     for name, cls in ATTENTIONS.items():
-        # GPT-2's two attentions need its learned position table; later classes carry position themselves
-        # (a decay, RoPE inside segments) and have no length limit, unless they say so in a `pos_emb` attribute
-        pos_emb = getattr(cls, 'pos_emb', 'learned' if cls in (CausalSelfAttention, InAttention) else 'none')
+        # GPT-2's two attentions need its learned position table; later classes carry position
+        # themselves (a decay, RoPE inside segments) and have no length limit, unless they say so
+        # in a `pos_emb` attribute
+        gpt2 = cls in (CausalSelfAttention, InAttention)
+        pos_emb = getattr(cls, 'pos_emb', 'learned' if gpt2 else 'none')
         out[name] = dict(attention=name, pos_emb=pos_emb)
         if name == 'causal':  # the quadratic baseline: the T x T attention matrix in memory
             out['causal-materialised'] = dict(out[name], sdpa=False)
-        if name == 'inattention':  # the two decoding caches: initial states s (default) or per-layer K/V
+        if name == 'inattention':  # the two decoding caches: initial states s (default) or K/V
             out[name]['inattn_cache'] = 's'
             out['inattention-kv'] = dict(out[name], inattn_cache='kv')
+            for form in ('gemm', 'stream'):  # the absorbed step's two forms ('inattention': 'auto')
+                out[f'inattention-{form}'] = dict(out[name], inattn_decode=form)
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Measuring memory
 
 class Tracker(TorchDispatchMode):
-    """CPU analogue of torch.cuda.max_memory_allocated: sees every aten op's outputs, counts each storage that
-    the op created (a view or an in-place result shares an input's storage and adds nothing) and subtracts it
-    when the storage is freed. Storages that existed before the tracker started are never counted."""
+    """CPU analogue of torch.cuda.max_memory_allocated: sees every aten op's outputs, counts each
+    storage that the op created (a view or an in-place result shares an input's storage and adds
+    nothing) and subtracts it when the storage is freed. Storages that existed before the tracker
+    started are never counted."""
 
     def __init__(self):
         super().__init__()
@@ -78,16 +91,18 @@ class Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        flat = tree_flatten((args, kwargs))[0]
+        inputs = {t.untyped_storage()._cdata for t in flat if torch.is_tensor(t)}
         for t in tree_flatten(out)[0]:
             if not torch.is_tensor(t):
                 continue
             storage = t.untyped_storage()
-            key, n = storage._cdata, storage.nbytes()  # _cdata: address of the C++ StorageImpl, its identity
+            # _cdata: address of the C++ StorageImpl, its identity
+            key, n = storage._cdata, storage.nbytes()
             if key in self.size:  # seen before; only a resize_ changes its bytes
                 self.current += n - self.size[key]
                 self.size[key] = n
-            elif key not in inputs:  # a new storage: alive until its Python object (kept by C++) dies
+            elif key not in inputs:  # new: alive until its Python object (kept by C++) dies
                 self.size[key] = n
                 self.current += n
                 weakref.finalize(storage, self.free, key)
@@ -117,18 +132,18 @@ def max_rss():
 
 
 def limit_address_space(nbytes):
-    """Cap this process's virtual memory at its current size + nbytes: a bigger allocation then fails at once
-    with an error (reported as OOM) instead of swapping or waking the kernel's OOM killer."""
+    """Cap this process's virtual memory at its current size + nbytes: a bigger allocation then
+    fails at once with an error (reported as OOM) instead of swapping or waking the OOM killer."""
     with open('/proc/self/statm') as f:
         vm_size = int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
     resource.setrlimit(resource.RLIMIT_AS, (vm_size + nbytes, resource.RLIM_INFINITY))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # One cell, in its own process
 
 def measure(spec):
-    """Build the model of one cell and yield (mode, numbers) for each mode as soon as it is measured."""
+    """Build the model of one cell; yield (mode, numbers) for each mode as soon as measured."""
     torch.manual_seed(0)
     if spec['threads']:
         torch.set_num_threads(spec['threads'])
@@ -136,17 +151,19 @@ def measure(spec):
     cuda = device == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = GPT(GPTConfig(**spec['config'])).to(device, dtype)
-    weights = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))  # tied weights once
+    tensors = list(model.parameters()) + list(model.buffers())  # tied weights once
+    weights = sum(t.nbytes for t in tensors)
     yield 'weights', weights
-    B = spec['batch'] if spec['kind'] == 'train' else 1
+    B = spec['batch']
     x, y = (torch.randint(model.config.vocab_size, (B, T), device=device) for _ in range(2))
 
     def step(x, y):  # one training step
         model.zero_grad(set_to_none=True)
         _, loss = model(x, y)
         loss.backward()
-    # warm up on 16 tokens: the first call of a kernel maps its code and starts threads, which the RSS figure
-    # and the timings should not include (two chunks of 8 where the prompt is chunked: both attention paths)
+    # warm up on 16 tokens: the first call of a kernel maps its code and starts threads, which the
+    # RSS figure and the timings should not include (two chunks of 8 where the prompt is chunked:
+    # both attention paths)
     model.train(spec['kind'] == 'train')
     if spec['kind'] == 'train':
         step(x[:1, :16], y[:1, :16])
@@ -157,7 +174,7 @@ def measure(spec):
             model(x[:, :1], cache=cache)
     if not cuda:
         limit_address_space(spec['mem_limit'])
-    with open('/proc/self/clear_refs', 'w') as f:  # Linux: restart the peak-RSS count from the RSS of now
+    with open('/proc/self/clear_refs', 'w') as f:  # Linux: restart the peak-RSS count from now
         f.write('5')
     rss0, meter = max_rss(), (CudaPeak if cuda else Tracker)
     if spec['kind'] == 'train':
@@ -170,16 +187,18 @@ def measure(spec):
         yield 'train', dict(peak_bytes=m.peak, rss_bytes=rss, tok_s=B * T / dt)
         return
     if {'state', 'prefill'} & set(spec['modes']):
-        cache = model.new_cache()
+        cache = model.new_cache(capacity=T)  # the prompt's length is known: no room to spare
         with meter() as m:
             model.prefill(x, cache, spec['chunk']).argmax(-1)  # prefill and the first new token
         if 'prefill' in spec['modes']:
             yield 'prefill', dict(peak_bytes=m.peak, rss_bytes=max_rss() - rss0)
         if 'state' in spec['modes']:
-            yield 'state', dict(state_bytes=cache.nbytes(), formula_bytes=model.decode_state_bytes(T, dtype))
+            yield 'state', dict(state_bytes=cache.nbytes(),
+                                formula_bytes=model.decode_state_bytes(T, dtype, B),
+                                allocated_bytes=cache.allocated_nbytes())
         del cache
     if 'decode' in spec['modes']:  # timed without the tracker, which costs Python time per op
-        cache = model.new_cache()
+        cache = model.new_cache(capacity=T + 1 + DECODE_STEPS)  # room for all: never regrown
         sync(); t0 = time.perf_counter()
         logits = model.prefill(x, cache, spec['chunk'])
         sync(); t_prefill = time.perf_counter() - t0
@@ -188,15 +207,79 @@ def measure(spec):
             sync(); t0 = time.perf_counter()
             for _ in range(DECODE_STEPS):
                 logits, _ = model(logits.argmax(-1), cache=cache)  # greedy: (B, 1, V) -> (B, 1)
-            sync(); t_decode = time.perf_counter() - t0
+            sync(); t_step = (time.perf_counter() - t0) / DECODE_STEPS
+            del cache
             t_recompute = float('inf')
-            for _ in range(3):  # no cache: what each new token costs when the whole context is recomputed (best of 3)
+            for _ in range(3 if spec['uncached'] else 0):  # no cache: all recomputed (best of 3)
                 sync(); t0 = time.perf_counter()
                 model(x)
                 sync(); t_recompute = min(t_recompute, time.perf_counter() - t0)
-        decode_tok_s = DECODE_STEPS / t_decode
-        yield 'decode', dict(decode_tok_s=decode_tok_s, prefill_tok_s=T / t_prefill, recompute_tok_s=1 / t_recompute,
-                             cache_speedup=decode_tok_s * t_recompute)
+        middle = T + 1 + DECODE_STEPS // 2  # the context in the middle of the timed steps
+        n_bytes, flops = decode_cost(model, middle, dtype, B)
+        bandwidth, gemm = probe_limits(model.config, T, B, dtype, device, sync)
+        t_limit = max(n_bytes / bandwidth, flops / gemm)
+        uncached = spec['uncached']
+        yield 'decode', dict(decode_tok_s=B / t_step, prefill_tok_s=B * T / t_prefill,
+                             recompute_tok_s=B / t_recompute if uncached else None,
+                             cache_speedup=t_recompute / t_step if uncached else None,
+                             step_bytes=n_bytes, step_flops=flops,
+                             bandwidth=bandwidth, gemm_flops=gemm,
+                             bound='memory' if n_bytes / bandwidth >= flops / gemm else 'compute',
+                             limit_tok_s=B / t_limit, limit_fraction=t_limit / t_step)
+
+
+def decode_cost(model, T, dtype, B):
+    """Formulas for one decode step of B sequences at context T: (bytes read, FLOPs). Weights: every
+    parameter read once per step (the position table: one row, not counted), 2 FLOPs per matrix
+    weight per sequence. The state, per sequence, with L layers, H heads, d = n_embd, hd = d / H,
+    e bytes per number:
+      causal, inattention-kv  reads K and V: 2·L·T·d·e
+                              FLOPs 4·L·T·d (q·k and p·v: 2·T·hd per head)
+      inattention (absorbed)  reads s once per pass per layer: passes·L·T·d·e (gemm 2, stream 1)
+                              FLOPs 4·L·H·T·d: every head scores and sums all d numbers of s_j
+      lightning               reads and rewrites its L·H·hd² fp32 state;  FLOPs ~6·L·H·hd²
+      infini                  reads its state: M, z, K/V of the unfinished segment (n = T mod N)
+                              FLOPs 4·L·H·hd² (memory read; fold, amortised) + 4·L·(n + 1)·d
+    Every layer's reads count as reads from memory: a state that stays in cache is read faster."""
+    cfg = model.config
+    L, H, d = cfg.n_layer, cfg.n_head, cfg.n_embd
+    hd, e = d // H, dtype.itemsize
+    matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and 'wpe' not in name]
+    vectors = [p for p in model.parameters() if p.dim() < 2]  # biases, norm gains, gates
+    n_bytes = sum(p.numel() for p in matrices + vectors) * e
+    flops = 2 * B * sum(p.numel() for p in matrices)  # wte is lm_head: counted once
+    attn = ATTENTIONS[cfg.attention]
+    if attn is InAttention and cfg.inattn_cache == 's':
+        passes = 1 if InAttention.decode_form(cfg) == 'stream' else 2
+        n_bytes += B * passes * L * T * d * e
+        flops += B * 4 * L * H * T * d
+    elif attn in (CausalSelfAttention, InAttention):
+        n_bytes += B * 2 * L * T * d * e
+        flops += B * 4 * L * T * d
+    elif attn is InfiniAttention:
+        n_bytes += model.decode_state_bytes(T, dtype, B)
+        flops += B * L * (4 * H * hd * hd + 4 * (T % cfg.infini_segment + 1) * d)
+    else:  # lightning: the fixed-size state, read and rewritten
+        n_bytes += 2 * model.decode_state_bytes(T, dtype, B)
+        flops += B * 6 * L * H * hd * hd
+    return n_bytes, flops
+
+
+def probe_limits(config, T, B, dtype, device, sync):
+    """The machine's limits, measured in this process with its threads: read bandwidth (bytes/s,
+    best of 6 sums over a PROBE_BYTES tensor) and GEMM throughput (FLOP/s, best of 6 products
+    (B, H, d) @ (B, d, T): the absorbed decode's scores of one layer, the heads as rows)."""
+    big = torch.ones(PROBE_BYTES // dtype.itemsize, dtype=dtype, device=device)
+    s = torch.randn(B, T, config.n_embd, dtype=dtype, device=device)
+    q = torch.randn(B, config.n_head, config.n_embd, dtype=dtype, device=device)
+    best = {}
+    for name, op in [('sum', lambda: big.sum()), ('gemm', lambda: q @ s.transpose(1, 2))]:
+        best[name] = float('inf')
+        for _ in range(6):
+            sync(); t0 = time.perf_counter()
+            op()
+            sync(); best[name] = min(best[name], time.perf_counter() - t0)
+    return big.nbytes / best['sum'], 2 * B * config.n_head * config.n_embd * T / best['gemm']
 
 
 def is_oom(e):
@@ -211,13 +294,14 @@ def cell_main(spec, conn):
             conn.send((mode, numbers))
         conn.send(('done', None))
     except BaseException as e:  # MemoryError included: report it, the parent goes on
-        conn.send(('OOM' if is_oom(e) else 'error', f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        first_line = str(e).splitlines()[0] if str(e) else ''
+        conn.send(('OOM' if is_oom(e) else 'error', f"{type(e).__name__}: {first_line}"))
 
 
 def run_cell(spec, timeout):
     """Run one cell in a fresh process; return ({mode: numbers}, status, message)."""
-    ctx = mp.get_context('forkserver')  # a fresh process forked from a server that has torch imported already
-    ctx.set_forkserver_preload(['torch', 'torch._dynamo'])  # a TorchDispatchMode imports dynamo: 1.5 s a cell
+    ctx = mp.get_context('forkserver')  # fresh processes forked from a server with torch imported
+    ctx.set_forkserver_preload(['torch', 'torch._dynamo'])  # TorchDispatchMode imports dynamo
     recv, send = ctx.Pipe(duplex=False)
     p = ctx.Process(target=cell_main, args=(spec, send), daemon=True)
     p.start()
@@ -244,15 +328,17 @@ def run_cell(spec, timeout):
     return results, status, message
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The benchmark: cells, tables, files
 
 def parse_bytes(s):
     """'24GiB' -> 24 * 1024**3, '500MB' -> 500 * 1000**2, '1000' -> 1000."""
     m = re.fullmatch(r'\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*', s, re.I)
     if not m or m.group(1).count('.') > 1:
-        raise argparse.ArgumentTypeError(f"cannot read {s!r} as a size; write e.g. 24GiB, 500MB or 1000000")
-    scale = (1024 if m.group(3) else 1000) ** ('_KMGT'.index(m.group(2).upper()) if m.group(2) else 0)
+        raise argparse.ArgumentTypeError(f"cannot read {s!r} as a size; write e.g. 24GiB, 500MB or "
+                                         f"1000000")
+    power = '_KMGT'.index(m.group(2).upper()) if m.group(2) else 0
+    scale = (1024 if m.group(3) else 1000) ** power
     return int(float(m.group(1)) * scale)
 
 
@@ -267,27 +353,65 @@ def fmt_rate(x):
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
+def fmt_or_skipped(fmt):
+    """A formatter that writes 'skipped' for a figure not measured (None)."""
+    return lambda x: 'skipped' if x is None else fmt(x)
+
+
 # per mode: (column title, key in the numbers, formatter)
 COLUMNS = {
-    'state': [('measured', 'state_bytes', fmt_bytes), ('formula', 'formula_bytes', fmt_bytes)],
+    'state': [('measured', 'state_bytes', fmt_bytes), ('formula', 'formula_bytes', fmt_bytes),
+              ('allocated', 'allocated_bytes', fmt_bytes)],
     'prefill': [('peak', 'peak_bytes', fmt_bytes), ('RSS', 'rss_bytes', fmt_bytes)],
-    'decode': [('decode tok/s', 'decode_tok_s', fmt_rate), ('uncached tok/s', 'recompute_tok_s', fmt_rate),
-               ('cache speed-up', 'cache_speedup', lambda x: f"{x:.1f}x"), ('prefill tok/s', 'prefill_tok_s', fmt_rate)],
+    'decode': [('decode tok/s', 'decode_tok_s', fmt_rate), ('limit tok/s', 'limit_tok_s', fmt_rate),
+               ('% of limit', 'limit_fraction', lambda x: f"{100 * x:.0f}%"),
+               ('bound', 'bound', str),
+               ('MB/step', 'step_bytes', lambda x: f"{x / 1e6:.4g}"),
+               ('GFLOP/step', 'step_flops', lambda x: f"{x / 1e9:.3g}"),
+               ('probe GB/s', 'bandwidth', lambda x: f"{x / 1e9:.1f}"),
+               ('probe GFLOP/s', 'gemm_flops', lambda x: f"{x / 1e9:.1f}"),
+               ('uncached tok/s', 'recompute_tok_s', fmt_or_skipped(fmt_rate)),
+               ('cache speed-up', 'cache_speedup', fmt_or_skipped(lambda x: f"{x:.1f}x")),
+               ('prefill tok/s', 'prefill_tok_s', fmt_rate)],
     'train': [('peak', 'peak_bytes', fmt_bytes), ('tok/s', 'tok_s', fmt_rate)],
 }
 TITLES = {
-    'state': "decoding state after a T-token prompt: measured cache.nbytes() | model.decode_state_bytes(T)",
-    'prefill': "prefill + first token: peak memory above the weights | peak RSS above the RSS before the prefill",
-    'decode': f"decode tokens/s with the cache ({DECODE_STEPS} steps after the prompt) | without it (the whole "
-              f"context recomputed per token) | their ratio | prefill tokens/s",
-    'train': "one forward+backward step: peak memory above the weights (gradients included) | tokens/s",
+    'state': "decoding state after a T-token prompt: measured cache.nbytes() | "
+             "model.decode_state_bytes(T) | cache.allocated_nbytes() (with the rooms' spare space)",
+    'prefill': "prefill + first token: peak memory above the weights | peak RSS above the RSS "
+               "before the prefill",
+    'decode': f"decode tokens/s with the cache ({DECODE_STEPS} steps after the prompt) | the "
+              f"machine's limit for it, the slower of bytes/bandwidth and FLOPs/GEMM throughput | "
+              f"the fraction reached | which binds | bytes and FLOPs per step (formulas) | "
+              f"bandwidth and GEMM throughput (probes) | tokens/s without the cache (the whole "
+              f"context recomputed per token; skipped above T = {UNCACHED_MAX_T} unless "
+              f"--uncached) | cached/uncached | prefill tokens/s",
+    'train': "one forward+backward step: peak memory above the weights (gradients included) | "
+             "tokens/s",
 }
+
+
+def decode_table(names, contexts, cells):
+    """One row per variant and context: the decode columns side by side would be too wide."""
+    cols = COLUMNS['decode']
+    head = ['variant', 'T', 'batch'] + [c[0] for c in cols]
+    lines = [f"\n### decode: {TITLES['decode']}\n", '| ' + ' | '.join(head) + ' |',
+             '|---|' + '---:|' * (len(head) - 1)]
+    for v in names:
+        for T in contexts:
+            c = cells.get((v, T, 'decode'), {})
+            row = [v, str(T), str(c.get('batch', ''))]
+            row += [c['status'] if c.get('status') != 'ok' else f(c[key]) for _, key, f in cols]
+            lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
 
 
 def markdown_table(mode, names, contexts, cells):
     cols = COLUMNS[mode]
-    head = ['T'] + (['batch'] if mode == 'train' else []) + [f"{v}: {c[0]}" for v in names for c in cols]
-    lines = [f"\n### {mode}: {TITLES[mode]}\n", '| ' + ' | '.join(head) + ' |', '|' + '---:|' * len(head)]
+    head = ['T'] + (['batch'] if mode == 'train' else [])
+    head += [f"{v}: {c[0]}" for v in names for c in cols]
+    lines = [f"\n### {mode}: {TITLES[mode]}\n", '| ' + ' | '.join(head) + ' |',
+             '|' + '---:|' * len(head)]
     for T in contexts:
         row = [str(T)]
         if mode == 'train':
@@ -300,11 +424,13 @@ def markdown_table(mode, names, contexts, cells):
 
 
 def budget_table(names, contexts, cells, weights, budget):
-    """Least-squares line peak(T) = a + b·T through the measured prefill peaks, solved for weights + a + b·T =
-    budget. An extrapolation: it is exact only where memory really is linear in T (not the T×T baseline)."""
-    lines = [f"\n### budget: longest context whose inference fits in {fmt_bytes(budget)} (weights + prefill "
-             f"peak), extrapolated linearly from the measured points\n",
-             '| variant | weights | per token | fixed | measured points | longest T (extrapolated) |',
+    """Least-squares line peak(T) = a + b·T through the measured prefill peaks, solved for
+    weights + a + b·T = budget. An extrapolation: it is exact only where memory really is linear in
+    T (not the T×T baseline)."""
+    lines = [f"\n### budget: longest context whose inference fits in {fmt_bytes(budget)} "
+             f"(weights + prefill peak), extrapolated linearly from the measured points\n",
+             '| variant | weights | per token | fixed | measured points | '
+             'longest T (extrapolated) |',
              '|---|---:|---:|---:|---:|---:|']
     fits = {}
     for v in names:
@@ -317,13 +443,19 @@ def budget_table(names, contexts, cells, weights, budget):
         if n == 1:  # one point: a line through the origin
             b, a = pts[0][1] / pts[0][0], 0.0
         else:
-            b = (n * sum(T * m for T, m in pts) - st * sm) / (n * sum(T * T for T, _ in pts) - st * st)
+            stm, stt = sum(T * m for T, m in pts), sum(T * T for T, _ in pts)
+            b = (n * stm - st * sm) / (n * stt - st * st)
             a = (sm - b * st) / n
         longest = math.floor((budget - weights[v] - a) / b) if b > 0 else None
-        fits[v] = dict(bytes_per_token=b, fixed_bytes=a, weights_bytes=weights[v], longest_T=longest, points=n)
-        shown = 'no growth measured' if longest is None else ('weights alone do not fit' if longest < 1
-                                                               else f"{longest:,}")
-        lines.append(f"| {v} | {fmt_bytes(weights[v])} | {fmt_bytes(b)} | {fmt_bytes(a)} | {n} | {shown} |")
+        fits[v] = dict(bytes_per_token=b, fixed_bytes=a, weights_bytes=weights[v],
+                       longest_T=longest, points=n)
+        shown = f"{longest:,}"
+        if longest is None:
+            shown = 'no growth measured'
+        elif longest < 1:
+            shown = 'weights alone do not fit'
+        lines.append(f"| {v} | {fmt_bytes(weights[v])} | {fmt_bytes(b)} | {fmt_bytes(a)} | {n} | "
+                     f"{shown} |")
     return '\n'.join(lines), fits
 
 
@@ -339,15 +471,17 @@ def plot(path, names, contexts, cells):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, (mode, key, title) in zip(axes, [('prefill', 'peak_bytes', 'prefill peak memory (weights excluded)'),
-                                             ('state', 'state_bytes', 'decoding state (measured)')]):
+    panels = [('prefill', 'peak_bytes', 'prefill peak memory (weights excluded)'),
+              ('state', 'state_bytes', 'decoding state (measured)')]
+    for ax, (mode, key, title) in zip(axes, panels):
         for v in names:
             pts = [(T, cells[(v, T, mode)][key] / 2**20) for T in contexts
                    if cells.get((v, T, mode), {}).get('status') == 'ok']
             failed = [f"{cells[(v, T, mode)]['status']} at {T}" for T in contexts
                       if cells.get((v, T, mode), {}).get('status', 'ok') != 'ok']
             if pts:
-                ax.plot(*zip(*pts), marker='o', label=v + (f" ({', '.join(failed)})" if failed else ''))
+                label = v + (f" ({', '.join(failed)})" if failed else '')
+                ax.plot(*zip(*pts), marker='o', label=label)
         ax.set(xscale='log', yscale='log', xlabel='context T (tokens)', ylabel='MiB', title=title)
         ax.grid(True, which='both', alpha=0.3)
         ax.legend()
@@ -359,26 +493,36 @@ def plot(path, names, contexts, cells):
 
 def parse_args(argv=None):
     names = list(variants())
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--preset', choices=PRESETS, default='tiny')
-    p.add_argument('--variants', default=','.join(names), help=f"comma-separated among: {', '.join(names)}")
+    p.add_argument('--variants', default=','.join(names),
+                   help=f"comma-separated among: {', '.join(names)}")
     p.add_argument('--contexts', default='1024,4096', help="comma-separated prompt lengths T")
-    p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], help="default: float32 on cpu, bfloat16 "
-                   "on cuda")
+    p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'],
+                   help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
-    p.add_argument('--mode', default='state,prefill', help=f"comma-separated among: {', '.join(MODES)}")
-    p.add_argument('--budget', type=parse_bytes, default='24GiB', help="memory to fit inference in (budget table)")
-    p.add_argument('--mem_limit', type=parse_bytes, help="CPU: a cell allocating more is OOM (default: the smaller "
-                   "of --budget and 3/4 of the memory available now)")
-    p.add_argument('--timeout', type=float, default=3600, help="seconds per cell (model build included)")
-    p.add_argument('--prefill_chunk', type=int, default=1024, help="prompt chunk of InAttention's 's' cache "
-                   "(linear-memory prefill); 0 = whole prompt")
-    p.add_argument('--baseline_chunk', type=int, default=0, help="prompt chunk of every other variant "
-                   "(default 0: the whole prompt at once, as a normal model does)")
-    p.add_argument('--tokens_per_step', type=int, default=0, help="train: batch = tokens_per_step // T, the same "
-                   "tokens per step at every T (default: batch 1)")
-    p.add_argument('--threads', type=int, help="CPU threads per cell (default: 1 for tiny and small, whose "
-                   "matmuls are too small to gain from threads, torch's default of one per core for gpt2)")
+    p.add_argument('--mode', default='state,prefill',
+                   help=f"comma-separated among: {', '.join(MODES)}")
+    p.add_argument('--budget', type=parse_bytes, default='24GiB',
+                   help="memory to fit inference in (budget table)")
+    p.add_argument('--mem_limit', type=parse_bytes, help="CPU: a cell allocating more is OOM "
+                   "(default: the smaller of --budget and 3/4 of the memory available now)")
+    p.add_argument('--timeout', type=float, default=3600,
+                   help="seconds per cell (model build included)")
+    p.add_argument('--prefill_chunk', type=int, default=1024, help="prompt chunk of InAttention's "
+                   "'s' cache (linear-memory prefill); 0 = whole prompt")
+    p.add_argument('--baseline_chunk', type=int, default=0, help="prompt chunk of every other "
+                   "variant (default 0: the whole prompt at once, as a normal model does)")
+    p.add_argument('--tokens_per_step', type=int, default=0, help="train: batch = "
+                   "tokens_per_step // T, the same tokens per step at every T (default: batch 1)")
+    p.add_argument('--batch', type=int, default=1,
+                   help="state, prefill, decode: sequences at once")
+    p.add_argument('--uncached', action='store_true', help=f"decode: time the uncached path "
+                   f"above T = {UNCACHED_MAX_T} too (minutes per token)")
+    p.add_argument('--threads', type=int, help="CPU threads per cell (default: 1 for tiny and "
+                   "small, whose matmuls are too small to gain from threads, torch's default of "
+                   "one per core for gpt2)")
     p.add_argument('--json')
     p.add_argument('--csv')
     p.add_argument('--plot', help="PNG of prefill peak and state bytes vs T (needs matplotlib)")
@@ -387,16 +531,21 @@ def parse_args(argv=None):
     args.mode = [m.strip() for m in args.mode.split(',') if m.strip()]
     bad = [v for v in args.variants if v not in names] + [m for m in args.mode if m not in MODES]
     if bad:
-        p.error(f"unknown variant or mode {', '.join(bad)}; variants: {', '.join(names)}; modes: {', '.join(MODES)}")
+        p.error(f"unknown variant or mode {', '.join(bad)}; variants: {', '.join(names)}; "
+                f"modes: {', '.join(MODES)}")
     try:
         args.contexts = sorted({int(t) for t in args.contexts.split(',')})
     except ValueError:
         p.error(f"--contexts {args.contexts!r}: write comma-separated integers, e.g. 1024,4096")
-    if min(args.contexts) <= 0 or args.prefill_chunk < 0 or args.baseline_chunk < 0 or args.timeout <= 0:
-        p.error("contexts and --timeout must be positive, chunks >= 0")
+    if min(args.contexts) <= 0 or args.timeout <= 0:
+        p.error("contexts and --timeout must be positive")
+    if args.prefill_chunk < 0 or args.baseline_chunk < 0:
+        p.error("--prefill_chunk and --baseline_chunk must be >= 0")
+    if args.batch <= 0:
+        p.error(f"--batch {args.batch}: it must be at least 1")
     if 'train' in args.mode and 0 < args.tokens_per_step < max(args.contexts):
-        p.error(f"--tokens_per_step {args.tokens_per_step} is below the longest context {max(args.contexts)}: "
-                f"raise it to at least that")
+        p.error(f"--tokens_per_step {args.tokens_per_step} is below the longest context "
+                f"{max(args.contexts)}: raise it to at least that")
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     for path in (args.json, args.csv, args.plot):  # fail now, not after hours of measuring
@@ -419,26 +568,31 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     configs = variants()
-    block_size = max(args.contexts) + DECODE_STEPS + 1  # learned positions: room for the prompt and the decoding
+    block_size = max(args.contexts) + DECODE_STEPS + 1  # learned positions: prompt and decoding
     specs, inference = [], [m for m in args.mode if m != 'train']
     for T in args.contexts:
         for v in args.variants:
             cfg = dict(PRESETS[args.preset], block_size=block_size, dropout=0.0, **configs[v])
             linear_prefill = cfg['attention'] == 'inattention' and cfg.get('inattn_cache') == 's'
             chunk = (args.prefill_chunk if linear_prefill else args.baseline_chunk) or None
-            base = dict(variant=v, T=T, config=cfg, device=args.device, dtype=args.dtype, chunk=chunk,
-                        mem_limit=args.mem_limit, threads=args.threads)
+            base = dict(variant=v, T=T, config=cfg, device=args.device, dtype=args.dtype,
+                        chunk=chunk, mem_limit=args.mem_limit, threads=args.threads)
             if inference:
-                specs.append(dict(base, kind='inference', modes=inference))
+                specs.append(dict(base, kind='inference', modes=inference, batch=args.batch,
+                                  uncached=args.uncached or T <= UNCACHED_MAX_T))
             if 'train' in args.mode:
-                specs.append(dict(base, kind='train', modes=['train'], batch=max(1, args.tokens_per_step // T)))
+                batch = max(1, args.tokens_per_step // T)
+                specs.append(dict(base, kind='train', modes=['train'], batch=batch))
 
-    print(f"# bench_vram: preset {args.preset}, {args.dtype} on {args.device}, contexts {args.contexts}\n\n"
-          f"Memory: {'torch.cuda.max_memory_allocated' if args.device == 'cuda' else 'live tensor storages (Tracker)'}"
-          f" above the weights; RSS: the cell's peak resident set above its RSS when the step starts (model built)."
-          f"\nPrefill chunk: {args.prefill_chunk or 'whole prompt'} for InAttention's 's' cache, "
-          f"{args.baseline_chunk or 'whole prompt'} for the others. Each cell: its own process, timeout "
-          f"{args.timeout:g} s" + (f", memory limit {fmt_bytes(args.mem_limit)}." if args.device == 'cpu' else "."))
+    cuda = args.device == 'cuda'
+    meter = 'torch.cuda.max_memory_allocated' if cuda else 'live tensor storages (Tracker)'
+    limit = '.' if cuda else f", memory limit {fmt_bytes(args.mem_limit)}."
+    print(f"# bench_vram: preset {args.preset}, {args.dtype} on {args.device}, contexts "
+          f"{args.contexts}\n\nMemory: {meter} above the weights; RSS: the cell's peak resident "
+          f"set above its RSS when the step starts (model built).\nPrefill chunk: "
+          f"{args.prefill_chunk or 'whole prompt'} for InAttention's 's' cache, "
+          f"{args.baseline_chunk or 'whole prompt'} for the others. Each cell: its own process, "
+          f"timeout {args.timeout:g} s{limit}")
     cells, weights, failures = {}, {}, []
     bar = tqdm(specs, desc='cells', unit='cell')
     for spec in bar:
@@ -448,19 +602,25 @@ def main(argv=None):
         seconds = time.monotonic() - t0
         if 'weights' in results:
             weights[spec['variant']] = results.pop('weights')
-        extra = {'batch': spec['batch']} if spec['kind'] == 'train' else {}
         for mode in spec['modes']:
-            c = dict(results[mode], status='ok') if mode in results else dict(status=status, message=message)
-            cells[(spec['variant'], spec['T'], mode)] = dict(c, cell_seconds=seconds, **extra)
+            c = dict(status=status, message=message)
+            if mode in results:
+                c = dict(results[mode], status='ok')
+            cells[(spec['variant'], spec['T'], mode)] = dict(c, cell_seconds=seconds,
+                                                             batch=spec['batch'])
         if status != 'ok':
             failures.append(f"{spec['variant']} T={spec['T']} {spec['kind']}: {status}: {message}")
 
-    print("\nWeights (reported separately): " + ', '.join(f"{v} {fmt_bytes(n)}" for v, n in weights.items()))
+    print("\nWeights (reported separately): "
+          + ', '.join(f"{v} {fmt_bytes(n)}" for v, n in weights.items()))
     for mode in MODES:
-        if mode in args.mode:
+        if mode == 'decode' and mode in args.mode:
+            print(decode_table(args.variants, args.contexts, cells))
+        elif mode in args.mode:
             print(markdown_table(mode, args.variants, args.contexts, cells))
-    mismatch = [f"{v} T={T}: measured {c['state_bytes']} B, formula {c['formula_bytes']} B" for (v, T, m), c in
-                cells.items() if m == 'state' and c['status'] == 'ok' and c['state_bytes'] != c['formula_bytes']]
+    mismatch = [f"{v} T={T}: measured {c['state_bytes']} B, formula {c['formula_bytes']} B"
+                for (v, T, m), c in cells.items()
+                if m == 'state' and c['status'] == 'ok' and c['state_bytes'] != c['formula_bytes']]
     if mismatch:
         print("\nstate: measured differs from the formula: " + '; '.join(mismatch))
     fits = {}
@@ -475,9 +635,10 @@ def main(argv=None):
         run = dict(args=vars(args), weights_bytes=weights, budget=fits, cells=rows)
         write_atomic(args.json, lambda f: json.dump(run, f, indent=1))
     if args.csv:
-        fields = ['variant', 'T', 'mode', 'status'] + sorted({k for r in rows for k in r} - {'variant', 'T', 'mode',
-                                                                                          'status'})
-        write_atomic(args.csv, lambda f: (w := csv.DictWriter(f, fields), w.writeheader(), w.writerows(rows)))
+        first = ['variant', 'T', 'mode', 'status']
+        fields = first + sorted({k for r in rows for k in r} - set(first))
+        write_atomic(args.csv, lambda f: (w := csv.DictWriter(f, fields), w.writeheader(),
+                                          w.writerows(rows)))
     if args.plot:
         plot(args.plot, args.variants, args.contexts, cells)
     return cells

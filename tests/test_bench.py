@@ -1,5 +1,6 @@
-"""bench_vram.py: the CPU memory tracker is exact, every variant's measured decoding state equals the formula,
-and a cell that runs out of memory or time is reported as such while the others complete."""
+"""bench_vram.py: the CPU memory tracker is exact, every variant's measured decoding state equals
+the formula, the decode table's formulas count the bytes and FLOPs of each form, and a cell that
+runs out of memory or time is reported as such while the others complete."""
 import csv
 import json
 
@@ -8,6 +9,7 @@ import torch
 
 import bench_vram
 from bench_vram import Tracker
+from model import GPT, GPTConfig
 
 MiB = 2**20
 
@@ -19,7 +21,7 @@ def test_tracker_is_exact_on_known_allocations():
         b = torch.empty(3 * MiB, dtype=torch.uint8)
         assert (t.current, t.peak) == (4 * MiB, 4 * MiB)
         views = [b[1:], b.view(torch.float32), b.view(3, MiB), b.view(3, MiB).t(), b.split(MiB)[1]]
-        b.add_(1), a.mul_(2), before.add_(1), before[:10].zero_()  # in place, also on an older tensor
+        b.add_(1), a.mul_(2), before.add_(1), before[:10].zero_()  # in place, also on older ones
         assert t.current == 4 * MiB  # views and in-place results add nothing
         del b
         assert t.current == 4 * MiB  # the views still hold b's storage
@@ -50,14 +52,16 @@ def test_tiny_run_of_every_variant_state_equals_formula(tmp_path, capsys):
                      '--json', str(out_json), '--csv', str(out_csv)])
     run = json.loads(out_json.read_text())
     names = list(bench_vram.variants())
-    assert set(bench_vram.ATTENTIONS) <= set(names)  # every registered class, plus the ablation rows
-    assert {c['variant'] for c in run['cells']} == set(names) and len(run['cells']) == 2 * 2 * len(names)
+    assert set(bench_vram.ATTENTIONS) <= set(names)  # every registered class, plus ablation rows
+    assert {c['variant'] for c in run['cells']} == set(names)
+    assert len(run['cells']) == 2 * 2 * len(names)
     cells = {(c['variant'], c['T'], c['mode']): c for c in run['cells']}
     for (v, T, mode), c in cells.items():
         assert c['status'] == 'ok', (v, T, c)
         if mode == 'state':
             assert c['state_bytes'] == c['formula_bytes'] > 0
-            assert cells[(v, T, 'prefill')]['peak_bytes'] >= c['state_bytes']  # the state is alive at the peak
+            # the state is alive at the peak
+            assert cells[(v, T, 'prefill')]['peak_bytes'] >= c['state_bytes']
     for T in (32, 64):  # InAttention keeps d numbers per token instead of 2·L·d (tiny: L = 2)
         state = {v: cells[(v, T, 'state')]['state_bytes'] for v in names}
         assert state['causal'] == 2 * 2 * 64 * 4 * T
@@ -68,23 +72,59 @@ def test_tiny_run_of_every_variant_state_equals_formula(tmp_path, capsys):
     assert '### state' in text and '### budget' in text and '\n| 64 |' in text
 
 
+def test_decode_reports_the_limits_and_skips_the_long_uncached_path(monkeypatch, tmp_path, capsys):
+    # the decode table: tok/s beside the formulas' bytes and FLOPs, the probes and the fraction of
+    # the limit; the uncached path is skipped above UNCACHED_MAX_T (here 32) unless --uncached
+    monkeypatch.setattr(bench_vram, 'UNCACHED_MAX_T', 32)
+    names = ['causal', 'inattention-gemm', 'inattention-stream']
+    argv = ['--preset', 'tiny', '--variants', ','.join(names), '--contexts', '32,64',
+            '--mode', 'decode', '--batch', '2']
+    cells = bench_vram.main(argv)
+    text = capsys.readouterr().out
+    assert '| variant | T | batch | decode tok/s | limit tok/s | % of limit |' in text
+    assert '| causal | 64 | 2 |' in text and 'skipped' in text
+    for (v, T, mode), c in cells.items():
+        assert c['status'] == 'ok' and c['batch'] == 2, (v, T, c)
+        assert c['decode_tok_s'] > 0 and c['bandwidth'] > 0 and c['gemm_flops'] > 0
+        assert c['limit_fraction'] > 0
+        assert (c['recompute_tok_s'] is None) == (T > 32)
+    # the formulas at T = 64 (the middle of the timed steps); tiny: 2 layers, 2 heads, n_embd 64
+    d, L, T = 64, 2, 64 + 1 + bench_vram.DECODE_STEPS // 2
+    tiny = GPT(GPTConfig(**bench_vram.PRESETS['tiny']))
+    # read once per step in fp32; of the position table, one row
+    weights = sum(4 * p.numel() for name, p in tiny.named_parameters() if 'wpe' not in name)
+    s_bytes = 2 * T * d * 4  # 2 sequences: s, or K, or V of one layer
+    step = {v: cells[(v, 64, 'decode')] for v in names}
+    assert step['causal']['step_bytes'] == weights + 2 * L * s_bytes  # K and V of every layer
+    ln_in = 2 * d * 4
+    assert step['inattention-gemm']['step_bytes'] == weights + ln_in + 2 * L * s_bytes  # s twice
+    assert step['inattention-stream']['step_bytes'] == weights + ln_in + L * s_bytes  # s once
+    # every head of the absorbed step scores and sums all d numbers of s_j, not hd = d / 2
+    extra = step['inattention-gemm']['step_flops'] - step['causal']['step_flops']
+    assert extra == 2 * 4 * L * (2 - 1) * T * d
+    cells = bench_vram.main(argv[:3] + ['causal', '--contexts', '64', '--mode', 'decode',
+                                        '--uncached'])
+    assert cells[('causal', 64, 'decode')]['recompute_tok_s'] > 0
+
+
 def test_out_of_memory_cell_is_reported_and_the_others_complete(capsys):
-    # the T x T attention of 65536 tokens needs 32 GiB: under a 1 GiB limit it fails at once, cleanly
-    cells = bench_vram.main(['--preset', 'tiny', '--variants', 'causal-materialised', '--contexts', '64,65536',
-                             '--mode', 'state', '--mem_limit', '1GiB'])
+    # the T x T attention of 65536 tokens needs 32 GiB: under a 1 GiB limit it fails at once
+    cells = bench_vram.main(['--preset', 'tiny', '--variants', 'causal-materialised',
+                             '--contexts', '64,65536', '--mode', 'state', '--mem_limit', '1GiB'])
     assert cells[('causal-materialised', 65536, 'state')]['status'] == 'OOM'
     assert cells[('causal-materialised', 64, 'state')]['status'] == 'ok'
     assert '| 65536 | OOM | OOM |' in capsys.readouterr().out
 
 
 def test_timeout_cell_is_reported():
-    cells = bench_vram.main(['--preset', 'tiny', '--variants', 'causal-materialised', '--contexts', '4096',
-                             '--mode', 'prefill', '--timeout', '0.01'])
+    cells = bench_vram.main(['--preset', 'tiny', '--variants', 'causal-materialised',
+                             '--contexts', '4096', '--mode', 'prefill', '--timeout', '0.01'])
     assert cells[('causal-materialised', 4096, 'prefill')]['status'] == 'timeout'
 
 
 @pytest.mark.parametrize('argv', [['--variants', 'nope'], ['--mode', 'speed'], ['--contexts', '1k'],
-                                  ['--budget', 'lots'], ['--mode', 'train', '--tokens_per_step', '10']])
+                                  ['--budget', 'lots'],
+                                  ['--mode', 'train', '--tokens_per_step', '10']])
 def test_bad_input_is_one_clear_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench_vram.parse_args(argv)
