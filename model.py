@@ -48,6 +48,7 @@ class GPTConfig:
     sdpa: bool = True        # fused kernels; False = the readable quadratic form (T x T matrix)
     inattn_cache: str = 's'  # InAttention's decoding state: 's' (absorbed decode) or 'kv'
     inattn_decode: str = 'auto'  # absorbed decode: 'gemm' (two passes over s), 'stream' (one pass)
+    inattn_prefix: int = 0   # InAttention: the first m blocks are causal, s is taken after them
     lightning_block: int = 64     # Lightning: block length of the tiled training form
     infini_segment: int = 64      # Infini-attention: segment length N
     infini_update: str = 'linear'  # Infini-attention memory update: 'linear' or 'delta'
@@ -66,6 +67,13 @@ def check_config(config):
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             raise ValueError(f"unknown {name} {getattr(config, name)!r}; valid: {', '.join(valid)}")
+    m = config.inattn_prefix
+    if m and not ATTENTIONS[config.attention].reads_s:
+        raise ValueError(f"inattn_prefix={m} needs an attention that reads initial states "
+                         f"(inattention), not {config.attention!r}: drop it or use 0")
+    if not 0 <= m < config.n_layer:
+        raise ValueError(f"inattn_prefix={m} must be in 0..n_layer-1 = {config.n_layer - 1}: "
+                         f"blocks 0..m-1 are causal and at least one reads the initial states")
     positive = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'lightning_block',
                 'infini_segment')
     for name in positive:
@@ -503,10 +511,10 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
 
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, attention):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = ATTENTIONS[config.attention](config, layer_idx)
+        self.attn = attention(config, layer_idx)  # a class of ATTENTIONS
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -570,7 +578,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd) if learned_positions else None,
             drop=nn.Dropout(config.dropout),
             ln_in=LayerNorm(config.n_embd, bias=config.bias) if attn.reads_s else None,
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i, self.attention(i)) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -609,13 +617,11 @@ class GPT(nn.Module):
                                  f"extend_block_size()")
             pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)
             x = x + self.transformer.wpe(pos)
-        x = self.transformer.drop(x)  # the initial states, input of block 0
+        x = self.transformer.drop(x)  # the input of block 0
         s = None
-        if self.transformer.ln_in is not None:  # the attention reads s = ln_in(x0) in every layer
-            s = self.transformer.ln_in(x)
-            if cache is not None and ATTENTIONS[self.config.attention].caches_s(self.config):
-                s = grow(cache.shared, 's', s, dim=1)  # (B, pos0 + T, C)
         for i, block in enumerate(self.transformer.h):
+            if i == self.config.inattn_prefix and self.transformer.ln_in is not None:
+                s = self.initial_states(x, cache)  # from the stream entering block m
             x = block(x, s, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.pos += T
@@ -626,6 +632,21 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)
         return logits, loss
+
+    def attention(self, layer_idx):
+        """The attention class of a block: config.attention, but causal in the first inattn_prefix
+        blocks (InAttention over a causal prefix, docs/attention.md section 9)."""
+        if layer_idx < self.config.inattn_prefix:
+            return CausalSelfAttention
+        return ATTENTIONS[self.config.attention]
+
+    def initial_states(self, x, cache=None):
+        """s = ln_in(h_m), h_m (B, T, C) the stream entering block m = inattn_prefix (m = 0: the
+        embeddings). A decoder that keeps s appends the new tokens': -> (B, pos0 + T, C)."""
+        s = self.transformer.ln_in(x)
+        if cache is not None and ATTENTIONS[self.config.attention].caches_s(self.config):
+            s = grow(cache.shared, 's', s, dim=1)
+        return s
 
     # --- context length ------------------------------------------------------------------------
 
@@ -669,12 +690,13 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
         """Hugging Face GPT-2 weights ('gpt2', 'gpt2-medium', ..., or a local folder), by name.
-        override_args may set dropout and attention. With attention='inattention' the weights are
-        only a start: the same Wk, Wv then read the initial states instead of the stream, so the
-        model computes something else until it is fine-tuned; ln_in starts as the identity norm."""
+        override_args may set dropout, attention and inattn_prefix. With attention='inattention'
+        the weights are only a start: the same Wk, Wv then read the initial states instead of the
+        stream, so the model computes something else until it is fine-tuned; ln_in starts as the
+        identity norm."""
         from transformers import GPT2LMHeadModel
         override_args = override_args or {}
-        assert set(override_args) <= {'dropout', 'attention'}, "only dropout and attention"
+        assert set(override_args) <= {'dropout', 'attention', 'inattn_prefix'}, "only these three"
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
@@ -734,7 +756,7 @@ class GPT(nn.Module):
     def decode_state_bytes(self, T, dtype=torch.float32, batch_size=1):
         """Formula for the decoding state after T tokens; Cache.nbytes() measures the real one."""
         attn = ATTENTIONS[self.config.attention]
-        n = self.config.n_layer * attn.state_bytes(self.config, T, dtype)
+        n = sum(type(b.attn).state_bytes(self.config, T, dtype) for b in self.transformer.h)
         if attn.caches_s(self.config):
             n += T * self.config.n_embd * dtype.itemsize  # s: d numbers per token, for all layers
         return n * batch_size
