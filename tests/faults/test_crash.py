@@ -3,8 +3,8 @@
 After every kill the files on disk must be usable: ckpt.pt always loads and is bit for bit the checkpoint an
 uninterrupted run wrote at the same iteration, and resuming from it continues that run exactly; a dataset
 folder is either not prepared (no meta.pkl) or complete. Kills are aimed (seeded) at random moments: anywhere
-in a run, inside a checkpoint write (tests/fork_runner.py pauses torch.save halfway through its bytes), and
-before each file operation of prepare_data.py.
+in a run, inside a checkpoint write (tests/faults/fork_runner.py pauses torch.save halfway through
+its bytes), and before each file operation of prepare_data.py.
 """
 import json
 import os
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +28,11 @@ M = 64  # iterations of the run, more than the kills can get through
 
 
 class Runner:
-    """The test's end of tests/fork_runner.py: start runs, read their reports, kill and reap them."""
+    """The test's end of fork_runner.py: start runs, read their reports, kill and reap them."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'fork_runner.py')], text=True,
+        runner = Path(__file__).with_name('fork_runner.py')  # beside this file, in tests/faults/
+        self.proc = subprocess.Popen([sys.executable, str(runner)], text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=dict(os.environ, OMP_NUM_THREADS='1'))
         self.lines, self.taken = [], {}  # the reports since the last start; how many of each kind next() took

@@ -1,5 +1,6 @@
 """
-Runs train.py and prepare_data.py many times, fast, as processes that tests/test_crash.py kills with SIGKILL.
+Runs train.py and prepare_data.py many times, fast, as processes that tests/faults/test_crash.py
+kills with SIGKILL.
 
 torch is imported once, here; every run is a fork of this process that executes the script from its first line,
 a real process with its own pid that starts in milliseconds instead of seconds. One JSON command per stdin line:
@@ -29,7 +30,7 @@ import torch
 import torch._dynamo  # noqa: F401  imported by the first optimizer step otherwise (seconds)
 import tqdm  # noqa: F401
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))  # tests/faults/../..
 sys.path.insert(0, REPO)
 import configurator, model, prepare_data, sample  # noqa: E401, F401, E402
 PAUSE = 0.3  # seconds: a kill aimed into this window cannot miss it, even on a busy machine

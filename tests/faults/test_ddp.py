@@ -79,9 +79,10 @@ def test_resume_under_torchrun_continues_from_the_checkpoint(runs):
 
 
 def test_check_sync_stops_the_run_when_the_processes_diverge(char_data, tmp_path):
-    # tests/ddp_fault.py nudges one weight on rank 1 after its step of iteration 1, as a rank-dependent bug would
+    # tests/faults/ddp_fault.py nudges one weight on rank 1 after its step of iteration 1, as a
+    # rank-dependent bug would
     r, streams = torchrun(tmp_path, 'fault', *ARGS, f'--dataset={char_data}', '--max_iters=3', '--out_dir=fault',
-                          script='tests/ddp_fault.py', env={'FAULT_STEP': '1'})
+                          script='tests/faults/ddp_fault.py', env={'FAULT_STEP': '1'})
     assert r.returncode != 0
     assert streams[0][1] == ("train.py: error: the 2 processes hold different weights after the step of iteration 1 "
                              "(1 of 15 tensors differ, e.g. transformer.wte.weight): something in the update depends "
