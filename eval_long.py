@@ -1,5 +1,6 @@
 """
-Does a model use a long context? Two measurements for any checkpoint written by train.py (REFERENCE 5 and 6):
+Does a model use a long context? Two measurements for any checkpoint written by train.py
+(docs/attention.md sections 5 and 6):
 
   loss     validation loss by position bucket at a chosen context length: does the loss keep falling as the
            model sees more of the text, and where does it stop improving?

@@ -26,7 +26,7 @@ def layer(**kw):
 
 
 def reference(attn, x):
-    """Token by token, straight from REFERENCE section 4 (fp32): A_dot = causal softmax inside the segment with
+    """Token by token, straight from docs/attention.md section 4 (fp32): A_dot = causal softmax inside the segment with
     RoPE written as complex rotation at in-segment positions, A_mem from the memory of earlier segments on
     un-rotated q, k, then the gate; the memory is updated once a segment is over."""
     B, T, C = x.shape
