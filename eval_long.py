@@ -29,10 +29,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import prepare_data
+from checkpoint import build_model, data_folder, load_checkpoint
 from configurator import configure_or_exit, die
-from sample import load_checkpoint, model_from_checkpoint
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
 
 defaults = dict(
@@ -60,8 +59,8 @@ def load(path, device):
     file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         die(f"no checkpoint at {file}: train one with train.py, or pass --ckpt=FOLDER_OR_FILE")
-    ckpt = load_checkpoint(file)  # sample.py's loaders: a truncated or foreign file is a one-line error
-    return model_from_checkpoint(ckpt, file).eval().to(device), ckpt
+    ckpt = load_checkpoint(file)  # a truncated or foreign file is a one-line error
+    return build_model(ckpt, file).eval().to(device), ckpt
 
 
 def at_length(model, length, extend):
@@ -79,7 +78,7 @@ def at_length(model, length, extend):
 def val_data(ckpt, dataset):
     """The validation tokens (np.memmap) of `dataset`, or of the dataset the checkpoint was trained on."""
     name = dataset or ckpt['config']['dataset']
-    data_dir = name if '/' in name else os.path.join(REPO, 'data', name)
+    data_dir = data_folder(name)
     if not prepare_data.is_prepared(data_dir):
         if name not in prepare_data.DATASETS:
             die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by prepare_data.py")
@@ -119,7 +118,8 @@ def loss_by_position(model, data, context, stride, windows, batch_size, device='
         raise ValueError(f"the validation data has {len(data)} tokens, too few for context={context}")
     ix = window_starts(len(data), context, stride, windows)
     total = torch.zeros(context)
-    for i in tqdm(range(0, len(ix), batch_size), desc=f'loss at context {context}', leave=False):
+    for i in tqdm(range(0, len(ix), batch_size), desc=f'loss at context {context}', leave=False,
+                  disable=None):
         x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in ix[i:i + batch_size]])
         y = torch.stack([torch.from_numpy(data[j + 1:j + 1 + context].astype(np.int64)) for j in ix[i:i + batch_size]])
         logits, _ = model(x.to(device), y.to(device))  # (B, T, V)
@@ -236,7 +236,7 @@ def main(argv):
                 encoders[name] = encoder(ckpt['meta'])
             except ValueError as e:
                 die(f"{name}: {e}", status=2)
-        for name, L, d in tqdm(cells, desc='passkey'):
+        for name, L, d in tqdm(cells, desc='passkey', disable=None):
             m = at_length(models[name][0], L, cfg['extend'])
             results[name, L, d] = None if m is None else passkey(m, encoders[name], L, d, cfg['samples'],
                                                                  cfg['batch_size'], cfg['seed'], cfg['device'])

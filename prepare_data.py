@@ -143,7 +143,7 @@ def prepare_shakespeare(out_dir, input_path=None, **kw):
 
 
 # -----------------------------------------------------------------------------
-# Passkey retrieval (REFERENCE section 5): Shakespeare with filler / needle / question samples mixed in.
+# Passkey retrieval (docs/attention.md section 5): Shakespeare with filler / needle / question samples mixed in.
 # eval_long.py builds its test prompts with the same passkey_sample() and the keys that is_eval_key() reserves.
 
 PASSKEY_FILLER = ' The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.'

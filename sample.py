@@ -11,7 +11,6 @@ on stderr says so); characters outside a character vocabulary are an error.
 after the final context, beside the model's formula for them. --gates prints an Infini-attention model's gates.
 """
 import codecs
-import glob
 import os
 import sys
 import time
@@ -19,8 +18,8 @@ from contextlib import nullcontext
 
 import torch
 
+from checkpoint import load_model
 from configurator import configure_or_exit, die
-from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or folder, or a GPT-2 name ('gpt2-xl', ...)
@@ -37,64 +36,9 @@ use_cache = True  # decode from the model's cache (False: re-read the whole cont
 prefill_chunk = 0  # feed the prompt into the cache this many tokens at a time; 0 = all at once
 stats = False  # print decode and prefill tokens/s, and the decoding state's memory
 gates = False  # Infini-attention: print the memory's learned share sigmoid(β) of every layer and head, and exit
+compile = False  # torch.compile the model's forward (PyTorch 2; slow to start, for long samples)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def train_command(out_dir):
-    """The command that writes out_dir/ckpt.pt: the config file that names out_dir, if there is one."""
-    for path in sorted(glob.glob(os.path.join(REPO, 'config', '*.py'))):
-        with open(path) as f:
-            if f"out_dir = '{out_dir}'" in f.read():
-                return f"python train.py config/{os.path.basename(path)}"
-    return f"python train.py config/train_shakespeare_char.py --out_dir={out_dir}"
-
-
-def load_checkpoint(path):
-    """The dict train.py saved at path; a truncated or foreign file stops with one line (and nothing is written)."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)  # our file: it holds dicts too
-    except Exception as e:  # a truncated zip, random bytes, another pickle: the errors come in many types
-        die(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is truncated or was not written "
-            f"by train.py; use another checkpoint, or train again")
-    missing = [k for k in ('model', 'model_args', 'meta') if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        die(f"{path} is not a checkpoint of train.py: it has no {', '.join(missing)}; use a ckpt.pt that train.py "
-            f"wrote")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint, path, **override):
-    """The GPT a checkpoint holds, with some GPTConfig fields overridden (train.py: dropout and the other knobs
-    that do not change the weights); one that this model.py cannot build or load stops with one line."""
-    try:
-        model = GPT(GPTConfig(**dict(checkpoint['model_args'], **override)))
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # unknown fields, missing or misshapen weights
-        detail = ' '.join(str(e).split())[:200]  # load_state_dict's message spans many lines
-        die(f"{path} holds no GPT that this model.py can load ({type(e).__name__}: {detail}); use a checkpoint "
-            f"written by this version of train.py")
-    return model
-
-
-def load_model(init_from, out_dir):
-    """-> (model, meta): a checkpoint of train.py and its vocabulary, or GPT-2 from Hugging Face with its BPE."""
-    if init_from.startswith('gpt2') and not os.path.exists(init_from):
-        try:
-            model = GPT.from_pretrained(init_from)
-        except OSError as e:
-            die(f"could not load {init_from!r} from Hugging Face ({type(e).__name__}): it needs internet access "
-                f"once, or a copy in the Hugging Face cache")
-        return model, {'vocab_size': 50257, 'tokenizer': 'r50k_base'}
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
-    if os.path.isdir(ckpt_path):
-        ckpt_path = os.path.join(ckpt_path, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        die(f"no checkpoint at {ckpt_path}: train one first with `{train_command(os.path.dirname(ckpt_path))}`, "
-            f"or pass --out_dir=FOLDER holding ckpt.pt")
-    checkpoint = load_checkpoint(ckpt_path)
-    return model_from_checkpoint(checkpoint, ckpt_path), checkpoint['meta']
 
 
 def tokenizer(meta):
@@ -198,6 +142,8 @@ if __name__ == '__main__':
             print(f"layer {i}: sigmoid(beta) = " + ' '.join(f"{g:.3f}" for g in torch.sigmoid(beta).tolist()))
         sys.exit(0)
     model.to(device)
+    if compile:  # the forward that generation calls (dynamic: the context grows every token)
+        model.forward = torch.compile(model.forward, dynamic=True)
     encode, decode_stream, empty_prompt = tokenizer(meta)
     ids = encode(start or empty_prompt)
     if model.transformer.wpe is not None and len(ids) > model.config.block_size:  # learned positions: a bounded view

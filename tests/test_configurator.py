@@ -2,7 +2,7 @@
 import pytest
 
 from configurator import configure, read_config_file
-from conftest import one_line_error, run
+from conftest import TINY, one_line_error, run
 
 DEFAULTS = dict(learning_rate=6e-4, batch_size=12, compile=True, out_dir='out', dataset='openwebtext')
 
@@ -67,6 +67,10 @@ def test_repo_config_files_are_found_from_any_directory(tmp_path, monkeypatch):
     # the InAttention config is a one-flag ablation of the vanilla one (plus where its outputs go)
     differ = {k for k in vanilla.keys() | inattn.keys() if vanilla.get(k) != inattn.get(k)}
     assert differ == {'attention', 'out_dir', 'wandb_run_name'}
+    # attention= alone gives a working model: the class brings its own positions
+    lightning = read_config_file('config/lightning_shakespeare_char.py')
+    differ = {k for k in vanilla.keys() | lightning.keys() if vanilla.get(k) != lightning.get(k)}
+    assert differ == {'attention', 'out_dir', 'wandb_run_name'}
 
 
 def test_scripts_print_one_line_and_exit_2(tmp_path):
@@ -76,3 +80,38 @@ def test_scripts_print_one_line_and_exit_2(tmp_path):
                     "(from the command line)")
     line = one_line_error(run('sample.py', 'config/nope.py', cwd=tmp_path, expect_ok=False), 2)
     assert "config file 'config/nope.py' not found" in line
+
+
+def test_config_file_reads_the_defaults(tmp_path):
+    """As in nanoGPT, a config file runs with every key's current value in its namespace."""
+    path = tmp_path / 'cfg.py'
+    path.write_text("lr_decay_iters = max_iters\nbatch_size = batch_size * 2\n")
+    defaults = dict(DEFAULTS, max_iters=600, lr_decay_iters=600)
+    config = configure(defaults, ['--max_iters=7', str(path)])
+    assert config['lr_decay_iters'] == 7
+    assert config['batch_size'] == 2 * DEFAULTS['batch_size']
+    assert configure(defaults, [str(path)])['lr_decay_iters'] == 600
+
+
+@pytest.mark.parametrize('source, line, kind', [
+    ("batch_size = 4\nlearning_rate = 1e-3 +\n", 2, 'invalid syntax'),
+    ("batch_size = 4\n\nlearning_rate = undefined_name\n", 3, 'NameError'),
+    ("import torch\ntorch = 3\n", None, "unknown config key 'torch'"),
+])
+def test_config_file_errors_are_one_line_with_file_and_line(tmp_path, source, line, kind):
+    path = tmp_path / 'bad.py'
+    path.write_text(source)
+    r = run('train.py', str(path), cwd=tmp_path, expect_ok=False)
+    message = one_line_error(r, 2)
+    assert kind in message and 'bad.py' in message
+    if line is not None:
+        assert f"line {line}" in message
+
+
+def test_train_echoes_config_file_and_overrides(tmp_path, char_data):
+    path = tmp_path / 'cfg.py'
+    path.write_text("max_iters = 0\n")
+    r = run('train.py', str(path), *TINY, f'--dataset={char_data}', '--out_dir=out',
+            '--eval_only=True', cwd=tmp_path)
+    assert f"Overriding config with {path}:\nmax_iters = 0" in r.stdout
+    assert "Overriding: n_layer = 2" in r.stdout

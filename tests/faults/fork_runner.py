@@ -17,6 +17,7 @@ so that a test can aim its kills, runs also report on this process's stdout, one
                         operation waits PAUSE seconds first.
 KEEP_CHECKPOINTS=folder keeps a copy of every checkpoint train.py saves, as folder/ckpt_<iter_num>.pt.
 """
+import contextlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ import tqdm  # noqa: F401
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))  # tests/faults/../..
 sys.path.insert(0, REPO)
-import configurator, model, prepare_data, sample  # noqa: E401, F401, E402
+import checkpoint, configurator, model, prepare_data, sample  # noqa: E401, F401, E402
 PAUSE = 0.3  # seconds: a kill aimed into this window cannot miss it, even on a busy machine
 REPORTS = os.dup(1)  # this process's stdout, kept open in the runs after their stdout goes to a log file
 real_save = torch.save
@@ -42,21 +43,23 @@ def report(line):
     os.write(REPORTS, f"{line}\n".encode())  # one write per line: lines of different processes never interleave
 
 
-def pausing_save(obj, path, *args, **kwargs):
-    """torch.save(obj, path), written in two parts with a report (and maybe a pause) in between."""
+def pausing_save(obj, f, *args, **kwargs):
+    """torch.save(obj, f) to a path or an open file, written in two parts with a report (and maybe a
+    pause) in between."""
     pausing_save.count += 1
     buffer = io.BytesIO()
     real_save(obj, buffer, *args, **kwargs)
     data = buffer.getvalue()
     at, _, fraction = os.environ.get('SAVE_PAUSE_AT', '0:0.5').partition(':')
     cut = int(float(fraction) * len(data))
-    with open(path, 'wb') as f:
-        f.write(data[:cut])
-        f.flush()
+    path = getattr(f, 'name', f)
+    with (open(f, 'wb') if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f)) as out:
+        out.write(data[:cut])
+        out.flush()
         report(f"save {path}")
         if pausing_save.count == int(at):
             time.sleep(PAUSE)
-        f.write(data[cut:])
+        out.write(data[cut:])
     if os.environ.get('KEEP_CHECKPOINTS'):
         with open(os.path.join(os.environ['KEEP_CHECKPOINTS'], f"ckpt_{obj['iter_num']}.pt"), 'wb') as f:
             f.write(data)
