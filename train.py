@@ -163,7 +163,12 @@ if ddp:
         torch.cuda.set_device(device)
     if backend == 'auto':
         backend = 'nccl' if device.startswith('cuda') else 'gloo'
-    dist.init_process_group(backend=backend)
+    # the store's keys carry torchrun's restart count: after an elastic restart, torch 2.13's gloo
+    # otherwise read rank 0's address from the attempt before (measured: connection refused)
+    store, _, _ = next(dist.rendezvous('env://'))
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    store = dist.PrefixStore(f'attempt_{attempt}', store)
+    dist.init_process_group(backend=backend, store=store, rank=ddp_rank, world_size=ddp_world_size)
     master_process = ddp_rank == 0  # this process logs and writes checkpoints
 else:
     ddp_rank = 0
