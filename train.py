@@ -271,6 +271,9 @@ if init_from != 'scratch' and not from_gpt2:
             die(f"{k}={config[k]!r} was asked for but {ckpt_path} is a model with "
                 f"{k}={saved.get(k)!r}: drop the {k} override (the checkpoint fixes the "
                 f"architecture), or train from scratch", status=2)
+    if init_from == 'resume' and block_size == defaults['block_size']:
+        block_size = saved['block_size']  # as the architecture: the default takes the checkpoint's
+        config['block_size'] = block_size
     if init_from == 'resume' and block_size != saved['block_size']:
         die(f"resume continues the same run, but block_size={block_size} differs from the "
             f"checkpoint's {saved['block_size']}: drop the override, or start a new run with "
