@@ -8,11 +8,26 @@ Prepare a dataset for train.py: token ids in train.bin / val.bin (raw np.uint16,
 
 meta.pkl is a pickled dict: {'vocab_size': int, 'stoi': {char: int}, 'itos': {int: char}} for a character
 vocabulary, or {'vocab_size': 50257, 'tokenizer': 'r50k_base'} for GPT-2 BPE (<|endoftext|> = 50256).
-Every file is written to a temp file and renamed, meta.pkl last: its presence means the dataset is complete.
+A folder with train.bin and val.bin but no meta.pkl (nanoGPT's data/openwebtext) is GPT-2 BPE:
+read_meta() says so.
+
+A half-prepared folder is never used: while a folder is written it holds the marker file
+.preparing, written first and removed last, and is_prepared() never accepts a folder with it (a
+killed run leaves it behind). Every file is written to a temp file named with the writer's pid,
+flushed to disk, then renamed; temp files of runs that died are removed by the next run, those of
+a live run are left alone.
+
+Offline copies come in only through these (nothing outside the repo is looked for):
+    --input PATH               the text to tokenise, for the Shakespeare datasets
+    SHAKESPEARE_INPUT=PATH     environment variable: the default for --input, e.g. Tiny
+                               Shakespeare's input.txt; the tests that need the real file read it
+    TIKTOKEN_CACHE_DIR=FOLDER  tiktoken's own variable: a folder holding its cached GPT-2 BPE file
+Without them the text is downloaded into <out_dir>/input.txt and tiktoken downloads its BPE file.
 """
 import argparse
 import os
 import pickle
+import re
 import shutil
 import string
 import sys
@@ -25,26 +40,64 @@ import numpy as np
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent
-SHARED = REPO.parent / 'shared'  # reference data beside the repo (offline machines, CI)
 SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 TOKENIZER = 'r50k_base'  # byte-for-byte the GPT-2 vocabulary
+GPT2_META = {'vocab_size': 50257, 'tokenizer': TOKENIZER}  # what a folder without meta.pkl holds
+MARKER = '.preparing'  # in a folder while it is being written: written first, removed last
+TEMP_NAME = re.compile(r'\..+\.(\d+)\.tmp')  # atomic_path's temp files: .<name>.<pid>.tmp
 
 
 class PrepareError(RuntimeError):
     """Bad input or missing resource; the message is one line that says how to fix it."""
 
 
+def fsync_path(path):
+    """Flush a file's bytes, or a folder's entries, to the disk: a power cut cannot lose them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path):
-    """Yield a temp path beside `path`, renamed onto it only if the block succeeds: never a half-written file."""
+    """Yield a temp path beside `path`, renamed onto it only if the block succeeds: never a
+    half-written file. The temp name holds this process's pid, so that a later run can tell a
+    dead run's leftovers (remove_stale_temp_files) from the files of a run still writing."""
     path = Path(path)
     tmp = path.parent / f'.{path.name}.{os.getpid()}.tmp'  # same folder: the rename cannot cross filesystems
     try:
         yield tmp
+        fsync_path(tmp)  # on disk before the rename makes them the file (as train.py's ckpt.pt)
         os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def pid_alive(pid):
+    """Whether a process with this pid exists (signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number too large to be a pid
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(out_dir):
+    """Remove the temp files that runs killed before their rename left in out_dir. A live run's
+    files (its pid is in their names) are left alone: it is writing them now. A dead run's pid
+    taken by a new process keeps its files until that process ends too."""
+    if not Path(out_dir).is_dir():
+        return
+    for path in sorted(Path(out_dir).iterdir()):
+        m = TEMP_NAME.fullmatch(path.name)
+        if m and int(m[1]) > 0 and not pid_alive(int(m[1])):  # pid 0 would ask about our own group
+            print(f'removing {path.name}, left in {out_dir} by a run that did not finish')
+            path.unlink(missing_ok=True)  # missing_ok: another run may be removing it too
 
 
 def write_bin(path, ids):
@@ -57,39 +110,83 @@ def write_meta(out_dir, meta):
         pickle.dump(meta, f)
 
 
-def is_prepared(out_dir):
-    out_dir = Path(out_dir)
-    return all((out_dir / f).exists() for f in ('train.bin', 'val.bin', 'meta.pkl'))
+def is_prepared(data_dir):
+    """Whether data_dir holds a complete dataset: train.bin and val.bin, and no marker of a
+    preparation under way or cut short. meta.pkl may be missing: a nanoGPT BPE folder has none."""
+    data_dir = Path(data_dir)
+    has_bins = (data_dir / 'train.bin').is_file() and (data_dir / 'val.bin').is_file()
+    return has_bins and not (data_dir / MARKER).exists()
+
+
+def read_meta(data_dir):
+    """The vocabulary of a prepared folder: meta.pkl's dict, or GPT-2's BPE (GPT2_META) when there
+    is no meta.pkl, nanoGPT's rule."""
+    path = Path(data_dir) / 'meta.pkl'
+    if not path.exists():
+        return dict(GPT2_META)
+    try:
+        with open(path, 'rb') as f:
+            meta = pickle.load(f)
+    except Exception as e:  # a truncated or foreign file fails in many ways (EOFError, ...)
+        why = str(e).splitlines()[0] if str(e) else ''  # the message stays one line
+        raise PrepareError(f'{path} cannot be read ({type(e).__name__}: {why}): prepare the dataset '
+                           f'again') from None
+    if not isinstance(meta, dict) or 'vocab_size' not in meta:
+        raise PrepareError(f'{path} holds no vocab_size, so it is no meta.pkl of prepare_data.py: '
+                           f'prepare the dataset again')
+    return meta
 
 
 def start_writing(out_dir):
-    # a dataset is complete only once meta.pkl is (re)written, so drop a stale one before touching the .bin files
+    """Mark out_dir as being written, before any file of the dataset in it changes."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / 'meta.pkl').unlink(missing_ok=True)
+    with open(out_dir / MARKER, 'w') as f:
+        f.write(f'prepare_data.py (pid {os.getpid()}) is writing this folder\n')
+    fsync_path(out_dir / MARKER)
+    fsync_path(out_dir)  # the marker's entry is on disk before any renamed file can be
+
+
+def finish_writing(out_dir, meta):
+    """meta.pkl, then remove the marker: from now on the folder is prepared."""
+    write_meta(out_dir, meta)
+    fsync_path(out_dir)  # every rename is on disk before the marker's removal can be
+    (out_dir / MARKER).unlink()
 
 
 # -----------------------------------------------------------------------------
 # Tiny Shakespeare
 
 def find_input(out_dir, input_path=None):
-    """The text to tokenise: --input, else a local copy, else download into <out_dir>/input.txt."""
+    """The text to tokenise: --input, else $SHAKESPEARE_INPUT, else <out_dir>/input.txt, else
+    Tiny Shakespeare downloaded there."""
     if input_path is not None:
         if not Path(input_path).is_file():
             raise PrepareError(f'--input {input_path} is not a file: pass the path of a text file')
         return Path(input_path)
+    env = os.environ.get('SHAKESPEARE_INPUT')
+    if env:
+        if not Path(env).is_file():
+            raise PrepareError(f'SHAKESPEARE_INPUT={env} is not a file: set it to the path of a '
+                               f'text file, or unset it')
+        return Path(env)
     local = Path(out_dir) / 'input.txt'
-    for path in (local, SHARED / 'data' / 'tinyshakespeare' / 'input.txt'):
-        if path.is_file():
-            return path
-    print(f'downloading {SHAKESPEARE_URL} to {local}')
-    local.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with urlopen(SHAKESPEARE_URL, timeout=30) as r, atomic_path(local) as tmp, open(tmp, 'wb') as f:
-            shutil.copyfileobj(r, f)
-    except OSError as e:  # URLError, HTTPError, timeouts and connection errors are all OSErrors
-        raise PrepareError(f'could not download {SHAKESPEARE_URL} ({e}): pass --input PATH or place the file '
-                           f'at {local}') from None
+    if not local.is_file():
+        download_shakespeare(local)
     return local
+
+
+def download_shakespeare(path, timeout=30):
+    """Tiny Shakespeare into path, whole or not at all; a PrepareError if the network fails."""
+    print(f'downloading {SHAKESPEARE_URL} to {path}')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urlopen(SHAKESPEARE_URL, timeout=timeout) as r, atomic_path(path) as tmp:
+            with open(tmp, 'wb') as f:  # closed before atomic_path flushes and renames it
+                shutil.copyfileobj(r, f)
+    except OSError as e:  # URLError, HTTPError, timeouts and connection errors are all OSErrors
+        raise PrepareError(f'could not download {SHAKESPEARE_URL} ({e}): pass --input PATH, set '
+                           f'SHAKESPEARE_INPUT=PATH, or place the file at {path}') from None
+    return path
 
 
 def read_text(path):
@@ -115,15 +212,13 @@ def prepare_shakespeare_char(out_dir, input_path=None, **kw):
     start_writing(out_dir)
     for split, part in zip(('train', 'val'), split_text(text)):
         write_bin(out_dir / f'{split}.bin', [stoi[ch] for ch in part])
-    write_meta(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
+    finish_writing(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
 
 
 def get_encoding():
+    """GPT-2's BPE. tiktoken reads its file from its cache (TIKTOKEN_CACHE_DIR, else a folder in
+    the temp dir), or downloads it there on first use."""
     import tiktoken
-    # tiktoken downloads its BPE file on first use; offline machines read the copy cached in shared/ instead
-    cache = SHARED / 'tiktoken_cache'
-    if 'TIKTOKEN_CACHE_DIR' not in os.environ and cache.is_dir():
-        os.environ['TIKTOKEN_CACHE_DIR'] = str(cache)
     try:
         return tiktoken.get_encoding(TOKENIZER)
     except Exception as e:  # network errors surface as many types (requests, ssl, OSError)
@@ -139,7 +234,7 @@ def prepare_shakespeare(out_dir, input_path=None, **kw):
         ids = enc.encode_ordinary(part)  # ordinary: '<|endoftext|>' in the text is plain text, not a token
         print(f'{split} has {len(ids):,} tokens')
         write_bin(out_dir / f'{split}.bin', ids)
-    write_meta(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
+    finish_writing(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
 
 
 # -----------------------------------------------------------------------------
@@ -221,7 +316,7 @@ def prepare_shakespeare_char_passkey(out_dir, input_path=None, passkey_len=PASSK
         ids = mix_passkey(encode(part), encode, passkey_keys(keys), rng, passkey_len, passkey_fraction)
         print(f'{split} has {len(ids):,} tokens, {len(ids) - len(part):,} of them in passkey samples')
         write_bin(out_dir / f'{split}.bin', ids)
-    write_meta(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
+    finish_writing(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
 
 
 # -----------------------------------------------------------------------------
@@ -270,7 +365,7 @@ def write_bpe_splits(dsets, out_dir, num_proc=1):
     start_writing(out_dir)
     for split, dset in tokenized.items():
         write_tokens(dset, out_dir / f'{split}.bin')
-    write_meta(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
+    finish_writing(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
 
 
 OWT_NAME = 'Skylion007/openwebtext'
@@ -305,6 +400,7 @@ def prepare(name, input_path=None, out_dir=None, **kw):
     if name not in DATASETS:
         raise PrepareError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}')
     out_dir = Path(out_dir) if out_dir is not None else REPO / 'data' / name
+    remove_stale_temp_files(out_dir)
     DATASETS[name](out_dir, input_path=input_path, **kw)
     return out_dir
 
@@ -312,7 +408,8 @@ def prepare(name, input_path=None, out_dir=None, **kw):
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Tokenise a dataset into train.bin, val.bin and meta.pkl.')
     parser.add_argument('name', choices=list(DATASETS))
-    parser.add_argument('--input', help='text file to use (Shakespeare sets; default: a local copy or download)')
+    parser.add_argument('--input', help='text file to use (Shakespeare sets; default: '
+                        '$SHAKESPEARE_INPUT, else <out_dir>/input.txt, else downloaded there)')
     parser.add_argument('--out_dir', help='output folder (default: data/<name>/ in the repo)')
     parser.add_argument('--max_docs', type=int, help='openwebtext: use only the first N documents')
     parser.add_argument('--num_proc', type=int, help='openwebtext: worker processes (default: all CPUs)')

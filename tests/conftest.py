@@ -1,5 +1,12 @@
 """Shared fixtures: a tiny character dataset, a first training run on it, and running train.py / sample.py the way a
-user does (or inside this process, for the runs that stop early)."""
+user does (or inside this process, for the runs that stop early).
+
+Two resources come from outside the repo, and the tests that need them are skipped, with a line
+that says what is missing, where they cannot be had:
+    gpt2_bpe     GPT-2's BPE from tiktoken: TIKTOKEN_CACHE_DIR=FOLDER with tiktoken's cached file,
+                 or online (tiktoken downloads it)
+    shakespeare  Tiny Shakespeare's input.txt: SHAKESPEARE_INPUT=PATH, or online (downloaded once)
+"""
 import io
 import os
 import pickle
@@ -12,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import prepare_data
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / 'shared'  # reference data beside the repo: tiktoken's cached GPT-2 BPE file
 TEXT = 'First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n' * 120
 
 # a model and a run small enough for a few iterations in about a second on one CPU core
@@ -57,8 +65,6 @@ def first_run(char_data, tmp_path_factory):
 def run(script, *args, cwd, expect_ok=True):
     """Run a repo script in its own process (one thread: fast for tiny models, and the same arithmetic every run)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', WANDB_MODE='offline')
-    if 'TIKTOKEN_CACHE_DIR' not in env and (SHARED / 'tiktoken_cache').is_dir():
-        env['TIKTOKEN_CACHE_DIR'] = str(SHARED / 'tiktoken_cache')
     r = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=300)
     if expect_ok:
@@ -90,3 +96,60 @@ def one_line_error(r, status):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# resources from outside the repo: found once per session, quickly, or their tests are skipped
+
+BPE_TIMEOUT = 30  # seconds for tiktoken to find or download its file; its download has no timeout
+SHAKESPEARE_INPUT = os.environ.get('SHAKESPEARE_INPUT')  # read before any test can change it
+ASK_TIKTOKEN = """
+import tiktoken
+try:
+    tiktoken.get_encoding('r50k_base')
+except Exception as e:
+    print(type(e).__name__)
+    raise SystemExit(1)
+"""
+
+
+def gpt2_bpe_missing():
+    """None if tiktoken can load GPT-2's BPE here, else why not, in a word. Asked in a child
+    process: one that hangs on a network that drops packets is killed after BPE_TIMEOUT."""
+    try:
+        r = subprocess.run([sys.executable, '-c', ASK_TIKTOKEN], capture_output=True, text=True,
+                           timeout=BPE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f'no answer in {BPE_TIMEOUT} s'
+    if r.returncode == 0:
+        return None
+    return r.stdout.strip() or f'exit status {r.returncode}'
+
+
+@pytest.fixture(scope='session')
+def gpt2_bpe():
+    """GPT-2's BPE (a tiktoken Encoding), or the test is skipped. Once per session."""
+    why = gpt2_bpe_missing()
+    if why is not None:
+        cache = os.environ.get('TIKTOKEN_CACHE_DIR')
+        where = (f'TIKTOKEN_CACHE_DIR={cache} holds no cached file for it' if cache else
+                 "set TIKTOKEN_CACHE_DIR to a folder with tiktoken's cached file")
+        pytest.skip(f"needs GPT-2's BPE: {where}, or go online ({why})")
+    return prepare_data.get_encoding()
+
+
+@pytest.fixture(scope='session')
+def shakespeare(tmp_path_factory):
+    """The path of Tiny Shakespeare's input.txt: $SHAKESPEARE_INPUT, else downloaded now, else the
+    test is skipped."""
+    if SHAKESPEARE_INPUT:
+        if not Path(SHAKESPEARE_INPUT).is_file():  # set, but wrong: an error, not a skip
+            pytest.fail(f'SHAKESPEARE_INPUT={SHAKESPEARE_INPUT} is not a file: set it to Tiny '
+                        f'Shakespeare\'s input.txt, or unset it')
+        return Path(SHAKESPEARE_INPUT)
+    try:
+        return prepare_data.download_shakespeare(tmp_path_factory.mktemp('tinyshakespeare') /
+                                                 'input.txt', timeout=10)
+    except prepare_data.PrepareError:
+        pytest.skip('needs Tiny Shakespeare: set SHAKESPEARE_INPUT to the path of its input.txt, '
+                    'or go online (its download failed)')

@@ -2,7 +2,8 @@
 
 After every kill the files on disk must be usable: ckpt.pt always loads and is bit for bit the checkpoint an
 uninterrupted run wrote at the same iteration, and resuming from it continues that run exactly; a dataset
-folder is either not prepared (no meta.pkl) or complete. Kills are aimed (seeded) at random moments: anywhere
+folder is either not prepared (it holds the marker .preparing) or complete, and the temp files a
+killed run leaves are removed by the next run. Kills are aimed (seeded) at random moments: anywhere
 in a run, inside a checkpoint write (tests/faults/fork_runner.py pauses torch.save halfway through
 its bytes), and before each file operation of prepare_data.py.
 """
@@ -170,18 +171,26 @@ def test_killed_training_always_leaves_a_checkpoint_that_resumes_exactly(runner,
 
 
 def test_killed_prepare_data_never_leaves_a_dataset_that_looks_complete_but_is_not(runner, tmp_path):
-    """A folder holds a complete dataset (text A); preparing text B into it is killed again and again, before each
-    of its file operations in turn and at random moments. Every time, the folder is either not prepared or holds
-    all of A's or all of B's files; the last, unkilled, run leaves B."""
+    """A folder holds a complete dataset (text A); preparing text B into it is killed again and
+    again, before each of its file operations in turn and at random moments, each time starting
+    from A again. Every time, the folder is either not prepared or holds all of A's or all of B's
+    files, and the temp files the previous killed run left are gone; the last, unkilled, run leaves
+    B and nothing else."""
     texts = {'A': 'to be, or not to be: that is the question.\n' * 40, 'B': 'All the world\'s a stage!\n' * 60}
     expected = {}
     for name, text in texts.items():
         (tmp_path / f'{name}.txt').write_text(text)
-        folder = prepare_data.prepare('shakespeare_char', input_path=tmp_path / f'{name}.txt', out_dir=tmp_path / name)
+        folder = prepare_data.prepare('shakespeare_char', input_path=tmp_path / f'{name}.txt',
+                                      out_dir=tmp_path / name)
         expected[name] = {f: (folder / f).read_bytes() for f in ('train.bin', 'val.bin', 'meta.pkl')}
     data = tmp_path / 'data'
-    prepare_data.prepare('shakespeare_char', input_path=tmp_path / 'A.txt', out_dir=data)
     args = ['shakespeare_char', '--input', tmp_path / 'B.txt', '--out_dir', data]
+
+    def restore_a():
+        """Put A's complete dataset back, written by hand; temp files stay where they are."""
+        for f, content in expected['A'].items():
+            (data / f).write_bytes(content)
+        (data / prepare_data.MARKER).unlink(missing_ok=True)
 
     def state():
         files = {f: (data / f).read_bytes() for f in ('train.bin', 'val.bin', 'meta.pkl') if (data / f).exists()}
@@ -189,24 +198,32 @@ def test_killed_prepare_data_never_leaves_a_dataset_that_looks_complete_but_is_n
             assert files in (expected['A'], expected['B'])
         return files
 
+    def temp_files():
+        return sorted(p.name for p in data.iterdir() if prepare_data.TEMP_NAME.fullmatch(p.name))
+
     # one run reports the file operations, every one of them to be killed before, and how long a run takes
+    data.mkdir()
+    restore_a()
     t0 = time.perf_counter()
     pid = runner.start(tmp_path / 'count.log', {'FILEOP_DIR': str(data)}, 'prepare_data.py', *args)
     assert runner.wait(pid) == 0, (tmp_path / 'count.log').read_text()
     lifetime = time.perf_counter() - t0
     ops = runner.reports('fileop')
+    marker = data / prepare_data.MARKER
+    assert ops[0] == f'open {marker}' and ops[-1] == f'os.remove {marker}'  # first and last
     final_names = [str(data / f) for f in ('train.bin', 'val.bin', 'meta.pkl')]
     assert not [op for op in ops if op.startswith('open ') and op[5:] in final_names]  # only ever renamed onto
     assert state() == expected['B']
 
     rng = random.Random(99)
-    prepare_data.prepare('shakespeare_char', input_path=tmp_path / 'A.txt', out_dir=data)
-    kills = 0
+    kills = removed = 0
     for at in [*range(1, len(ops) + 1), *[0] * 5]:  # before each operation, then at 5 random moments
-        pid = runner.start(tmp_path / 'p.log', {'FILEOP_DIR': str(data), 'FILEOP_PAUSE_AT': str(at)},
-                           'prepare_data.py', *args)
+        restore_a()
+        left = temp_files()  # by the run killed last: this run removes them first, one op each
+        env = {'FILEOP_DIR': str(data), 'FILEOP_PAUSE_AT': str(len(left) + at if at else 0)}
+        pid = runner.start(tmp_path / 'p.log', env, 'prepare_data.py', *args)
         if at:
-            for _ in range(at):
+            for _ in range(len(left) + at):
                 runner.next('fileop')
             time.sleep(rng.uniform(0, 0.5) * 0.3)
         else:
@@ -217,9 +234,16 @@ def test_killed_prepare_data_never_leaves_a_dataset_that_looks_complete_but_is_n
         files = state()
         if at:
             assert status == -signal.SIGKILL
-            assert 'meta.pkl' not in files or at == 1  # the old meta.pkl goes first: a half-written A is no dataset
-    assert kills >= len(ops)
+            # killed before its first operation (the marker), the run changed nothing; after it,
+            # the folder is not prepared, though all of B's files may be there (before the last)
+            assert prepare_data.is_prepared(data) == (at == 1)
+            assert at > 1 or files == expected['A']
+            assert all(f'.{pid}.tmp' in name for name in temp_files()), (left, temp_files())
+            removed += len(left)
+    assert kills >= len(ops) and removed > 0
     pid = runner.start(tmp_path / 'p.log', {}, 'prepare_data.py', *args)
     assert runner.wait(pid) == 0
     assert state() == expected['B']
-    print(f"\n{kills} kills of prepare_data.py, {len(ops)} of them before each of its file operations")
+    assert sorted(os.listdir(data)) == ['meta.pkl', 'train.bin', 'val.bin']  # no marker, no temp
+    print(f"\n{kills} kills of prepare_data.py, {len(ops)} of them before each of its file "
+          f"operations; {removed} temp files of killed runs removed by the next run")
