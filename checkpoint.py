@@ -11,15 +11,15 @@ its vocabulary is read from its dataset folder, where no meta.pkl means GPT-2 BP
 import errno
 import glob
 import os
-import pickle
 
 import torch
 
+import prepare_data
 from configurator import die
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-GPT2_META = {'vocab_size': 50257, 'tokenizer': 'r50k_base'}  # OpenAI's GPT-2 BPE
+GPT2_META = prepare_data.GPT2_META  # OpenAI's GPT-2 BPE
 
 
 class DiskFull(OSError):
@@ -49,12 +49,12 @@ def data_folder(dataset):
 
 
 def dataset_meta(dataset):
-    """The vocabulary of a dataset folder: its meta.pkl, or GPT-2 BPE where there is none (nanoGPT)."""
-    path = os.path.join(data_folder(dataset), 'meta.pkl')
-    if not os.path.isfile(path):
-        return dict(GPT2_META)
-    with open(path, 'rb') as f:
-        return pickle.load(f)
+    """The vocabulary of a dataset folder: its meta.pkl, or GPT-2 BPE where there is none (nanoGPT);
+    a broken meta.pkl stops with one line."""
+    try:
+        return prepare_data.read_meta(data_folder(dataset))
+    except prepare_data.PrepareError as e:
+        die(e)
 
 
 def load_checkpoint(path):

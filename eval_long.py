@@ -82,7 +82,10 @@ def val_data(ckpt, dataset):
     if not prepare_data.is_prepared(data_dir):
         if name not in prepare_data.DATASETS:
             die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by prepare_data.py")
-        prepare_data.prepare(name)
+        try:
+            prepare_data.prepare(name)
+        except prepare_data.PrepareError as e:
+            die(e)
     return np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
 
 

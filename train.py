@@ -20,7 +20,6 @@ over N processes computes the same steps as one process with the same gradient_a
 """
 import math
 import os
-import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -194,13 +193,19 @@ def leave_process_group(worker_status):
 
 def stop_all(message, status=1):
     """Stop every process, which all reached the same decision: leave the process group first, then
-    the master process says why in one line (on stdout when the stop is not an error)."""
+    the master process says why in one line (on stdout when the stop is not an error). Under DDP the
+    master also skips the interpreter's teardown (see leave_process_group)."""
     if ddp:
         leave_process_group(status)
     if status == 0:
         print(message)
-        sys.exit(0)
-    die(message, status)
+    else:
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    if ddp:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 torch.manual_seed(seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
@@ -293,7 +298,8 @@ if position_table is not None and block_size > position_table and extend_method 
 data_dir = data_folder(dataset)
 if not prepare_data.is_prepared(data_dir):
     if dataset not in prepare_data.DATASETS:
-        die(f"no prepared dataset in {data_dir} (train.bin, val.bin): use one of "
+        die(f"no prepared dataset in {data_dir} (train.bin and val.bin, no {prepare_data.MARKER} "
+            f"marker of an unfinished preparation): use one of "
             f"{', '.join(prepare_data.DATASETS)}, or a folder written by prepare_data.py", status=2)
     if master_process:
         print(f"dataset {dataset!r} is not prepared yet: preparing it now "
