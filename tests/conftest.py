@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import prepare_data
+from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = 'First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n' * 120
@@ -153,3 +155,25 @@ def shakespeare(tmp_path_factory):
     except prepare_data.PrepareError:
         pytest.skip('needs Tiny Shakespeare: set SHAKESPEARE_INPUT to the path of its input.txt, '
                     'or go online (its download failed)')
+
+
+def tiny_gpt(**kw):
+    """A tiny GPT in eval mode with seeded weights: the unit of the model tests."""
+    args = dict(block_size=32, vocab_size=37, n_layer=2, n_head=4, n_embd=32)
+    args.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**args)).eval()
+
+
+def assert_same_state(a, b):
+    """Two checkpoints hold the same iteration, weights and AdamW state (moments, step counts),
+    bit for bit."""
+    assert a['iter_num'] == b['iter_num']
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for name in ('step', 'exp_avg', 'exp_avg_sq'):
+            assert torch.equal(sa[i][name], sb[i][name]), (i, name)

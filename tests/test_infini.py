@@ -6,15 +6,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig
+from conftest import tiny_gpt
 
 
 def tiny(**kw):
-    args = dict(block_size=32, vocab_size=37, n_layer=2, n_head=4, n_embd=32, attention='infini', pos_emb='none',
-                infini_segment=4)
-    args.update(kw)
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**args)).eval()
+    return tiny_gpt(**{'attention': 'infini', 'infini_segment': 4, **kw})
 
 
 def layer(**kw):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import prepare_data
-from conftest import REPO, TINY
+from conftest import TINY, assert_same_state
 
 KILLS = 24  # kills of train.py; each one is followed by a resume
 M = 64  # iterations of the run, more than the kills can get through
@@ -89,19 +89,6 @@ def runner():
 
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=False)
-
-
-def assert_same_state(a, b):
-    """Model weights and AdamW state (moments, step counts) bit for bit, and the iteration."""
-    assert a['iter_num'] == b['iter_num']
-    assert a['model'].keys() == b['model'].keys()
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
-    sa, sb = a['optimizer']['state'], b['optimizer']['state']
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for name in ('step', 'exp_avg', 'exp_avg_sq'):
-            assert torch.equal(sa[i][name], sb[i][name]), (i, name)
 
 
 def test_killed_training_always_leaves_a_checkpoint_that_resumes_exactly(runner, char_data, tmp_path):
