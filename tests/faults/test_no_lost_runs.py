@@ -1,6 +1,7 @@
 """No lost runs: a checkpoint in out_dir is resumed by its own command and never overwritten by
 another one; torchrun's elastic restarts resume on their own; a full disk loses nothing."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -85,8 +86,16 @@ def torchrun(tmp, *args, restarts=0, env=None):
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                f'--max-restarts={restarts}', f'--log-dir={tmp / "logs"}', '--redirects=3',
                str(REPO / 'tests' / 'faults' / 'worker_faults.py'), *ARGS, *map(str, args)]
-    return subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS='1', **(env or {})))
+    # a session of its own: if the job hangs, its workers are killed with it, not left behind
+    job = subprocess.Popen(command, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env=dict(os.environ, OMP_NUM_THREADS='1', **(env or {})))
+    try:
+        stdout, stderr = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
 
 
 def rank_log(tmp, attempt, rank, stream='stdout'):
