@@ -5,8 +5,9 @@ A checkpoint is the dict train.py saves to <out_dir>/ckpt.pt, nanoGPT's format p
     model, optimizer, model_args, iter_num, best_val_loss, config   (nanoGPT's train.py)
     scaler   the float16 GradScaler's state
     meta     the vocabulary (prepare_data.py's meta.pkl), so that sample.py can decode
-A checkpoint written by nanoGPT's own train.py (no scaler, no meta) samples, is evaluated and resumes:
-its vocabulary is read from its dataset folder, where no meta.pkl means GPT-2 BPE (nanoGPT's rule).
+A checkpoint written by nanoGPT's own train.py (no scaler, no meta) samples, is evaluated and
+resumes: its vocabulary is read from its dataset folder, where no meta.pkl means GPT-2 BPE
+(nanoGPT's rule).
 """
 import errno
 import glob
@@ -27,7 +28,7 @@ class DiskFull(OSError):
 
 
 def checkpoint_path(init_from, out_dir):
-    """The checkpoint file that init_from names: 'resume' is out_dir/ckpt.pt, a folder holds ckpt.pt."""
+    """The file init_from names: 'resume' is out_dir/ckpt.pt; a folder holds ckpt.pt."""
     path = os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
@@ -58,7 +59,7 @@ def dataset_meta(dataset):
 
 
 def load_checkpoint(path):
-    """The dict at path; a truncated or foreign file stops with one line (and nothing is written)."""
+    """The dict at path; a truncated or foreign file stops with one line (nothing is written)."""
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=False)  # holds dicts too
     except Exception as e:  # a truncated zip, random bytes, another pickle: many error types
@@ -97,7 +98,7 @@ def build_model(checkpoint, path, **override):
 
 
 def load_model(init_from, out_dir):
-    """-> (model, meta): a checkpoint and its vocabulary, or GPT-2 from Hugging Face with its BPE."""
+    """-> (model, meta): a checkpoint and its vocabulary, or GPT-2 (Hugging Face) with its BPE."""
     if init_from.startswith('gpt2') and not os.path.exists(init_from):
         return load_gpt2(init_from), dict(GPT2_META)
     path = checkpoint_path(init_from, out_dir)
