@@ -289,7 +289,8 @@ def mix_passkey(ids, encode, keys, rng, max_len=PASSKEY_LEN, fraction=PASSKEY_FR
     n = round(fraction / (1 - fraction) * len(ids) / ((shortest + max_len) / 2))  # samples of mean length
     keys, before, after = np.asarray(keys), encode('\n'), encode('.\n')
     out, prev = [], 0
-    for cut in tqdm(np.sort(rng.integers(0, len(ids) + 1, n)), desc='mixing passkey samples'):
+    cuts = np.sort(rng.integers(0, len(ids) + 1, n))
+    for cut in tqdm(cuts, desc='mixing passkey samples', disable=None):  # a bar on a terminal only
         prompt, answer = passkey_sample(encode, int(rng.choice(keys)), int(rng.integers(shortest, max_len + 1)),
                                         rng.random())
         out += ids[prev:cut] + before + prompt + answer + after
@@ -342,7 +343,7 @@ def write_tokens(dset, path, max_shards=1024):
     with atomic_path(path) as tmp:
         arr = np.memmap(tmp, dtype=np.uint16, mode='w+', shape=(arr_len,))
         idx = 0
-        for i in tqdm(range(n_shards), desc=f'writing {Path(path).name}'):
+        for i in tqdm(range(n_shards), desc=f'writing {Path(path).name}', disable=None):
             shard = dset.shard(num_shards=n_shards, index=i, contiguous=True).with_format('numpy')
             ids = np.concatenate(shard['ids'])
             arr[idx: idx + len(ids)] = ids
