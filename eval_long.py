@@ -1,15 +1,18 @@
 """
-Does a model use a long context? Two measurements for any checkpoint written by train.py
-(docs/attention.md sections 5 and 6):
+Does a model use a long context? Three measurements for any checkpoint written by train.py
+(docs/attention.md sections 5, 6 and 10):
 
   loss     validation loss by position bucket at a chosen context length: does the loss keep falling as the
            model sees more of the text, and where does it stop improving?
   passkey  a 5-digit key hidden in filler text (prepare_data.passkey_sample), by total length and needle depth:
            exact match of the greedy decode of the key, and per-digit accuracy under teacher forcing
+  mqar     multi-query associative recall (prepare_data.mqar_sample) on the validation sequences
+           of an MQAR dataset: the share of queries whose value is the argmax, and the loss there
 
     python eval_long.py --ckpt=out-inattn-long --context=256 --plot=loss_by_position.png
     python eval_long.py --ckpt=out-inattn-shakespeare-char,out-inattn-long --context=256 --extend=interpolate
     python eval_long.py --ckpt=out-inattn-passkey --mode=passkey --lengths=[256,512,1024]
+    python eval_long.py --ckpt=out-mqar,out-inattn-mqar --mode=mqar
 
 Several checkpoints (comma-separated) are compared side by side on the same windows and the same keys.
 The loss windows start every --stride tokens (default: the bucket width) over val.bin, so every bucket scores the
@@ -29,15 +32,15 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import prepare_data
-from checkpoint import build_model, data_folder, load_checkpoint
+from checkpoint import build_model, data_folder, dataset_meta, load_checkpoint
 from configurator import configure_or_exit, die
 
 DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
 
 defaults = dict(
     ckpt='out-inattn-long',  # a checkpoint folder (holding ckpt.pt) or file; several, comma-separated
-    mode='loss',             # 'loss' | 'passkey' | 'both'
-    dataset='',              # loss: validation data; '' = the dataset each checkpoint was trained on
+    mode='loss',             # 'loss' | 'passkey' | 'both' (loss and passkey) | 'mqar'
+    dataset='',              # loss, mqar: validation data; '' = each checkpoint's own dataset
     context=0,               # loss: window length in tokens; 0 = the first checkpoint's block_size
     bucket=0,                # loss: positions per bucket; 0 = context // 8
     stride=0,                # loss: tokens between window starts; 0 = the bucket width (see loss_by_position)
@@ -48,6 +51,7 @@ defaults = dict(
     lengths=[],              # passkey: total lengths (prompt + key); [] = 1x, 2x, 4x the first block_size
     depths=[0.0, 0.5, 1.0],  # passkey: needle depth, 0 = start of the text, 1 = right before the question
     samples=50,              # passkey: keys per (length, depth) cell
+    sequences=0,             # mqar: score the first N validation sequences; 0 = all
     batch_size=16,
     seed=1337,               # passkey: the keys and the filler cut of every cell
     device='cpu',
@@ -75,18 +79,23 @@ def at_length(model, length, extend):
     return model
 
 
-def val_data(ckpt, dataset):
-    """The validation tokens (np.memmap) of `dataset`, or of the dataset the checkpoint was trained on."""
+def dataset_dir(ckpt, dataset):
+    """The folder of `dataset`, or of the checkpoint's own dataset; prepared if it is not yet."""
     name = dataset or ckpt['config']['dataset']
     data_dir = data_folder(name)
     if not prepare_data.is_prepared(data_dir):
-        if name not in prepare_data.DATASETS:
+        if not prepare_data.preparable(name):
             die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by prepare_data.py")
         try:
             prepare_data.prepare(name)
         except prepare_data.PrepareError as e:
             die(e)
-    return np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
+    return data_dir
+
+
+def val_data(ckpt, dataset):
+    """The validation tokens (np.memmap) of `dataset`, or of the checkpoint's own dataset."""
+    return np.memmap(os.path.join(dataset_dir(ckpt, dataset), 'val.bin'), dtype=np.uint16, mode='r')
 
 
 def encoder(meta):
@@ -184,14 +193,53 @@ def passkey(model, encode, length, depth, samples, batch_size, seed, device='cpu
 
 
 # -----------------------------------------------------------------------------
+# MQAR: recall of many keys (docs/attention.md section 10)
+
+def mqar_val(name, ckpt, dataset):
+    """-> (folder, meta, tokens, targets): the validation sequences of an MQAR dataset, (samples,
+    T) each, for the checkpoint `name`; anything else stops with one line."""
+    data_dir = dataset_dir(ckpt, dataset)
+    meta = dataset_meta(data_dir)
+    if 'mqar' not in meta:
+        die(f"{name}: {data_dir} is no MQAR dataset (its meta.pkl has no 'mqar'): pass "
+            f"--dataset=mqar_T64_N8_V256 or another folder of prepare_data.py mqar", status=2)
+    if meta['vocab_size'] != ckpt['meta']['vocab_size']:
+        die(f"{name}: {data_dir} has {meta['vocab_size']} ids, the model was trained on "
+            f"{ckpt['meta']['vocab_size']}: pass --dataset=FOLDER of the same vocab", status=2)
+    try:
+        tokens, targets = prepare_data.read_mqar(data_dir, 'val', meta['mqar']['seq_len'])
+    except prepare_data.PrepareError as e:
+        die(e)
+    return data_dir, meta, tokens, targets
+
+
+@torch.no_grad()
+def mqar_recall(model, tokens, targets, batch_size, device='cpu'):
+    """(accuracy, loss) over the recall positions of MQAR sequences, those whose target is not -1:
+    the share of queries where the argmax of the logits is the value, and the mean cross-entropy
+    there. No other position counts: recalling every value scores 1.0, whatever comes elsewhere."""
+    right = queries = 0
+    loss = 0.0
+    for i in tqdm(range(0, len(tokens), batch_size), desc='mqar', leave=False, disable=None):
+        x = torch.from_numpy(tokens[i:i + batch_size].astype(np.int64)).to(device)
+        y = torch.from_numpy(targets[i:i + batch_size].astype(np.int64)).to(device)
+        logits, _ = model(x, y)  # (B, T, V) at every position
+        at = y != -1  # the recall positions
+        right += (logits[at].argmax(-1) == y[at]).sum().item()
+        loss += F.cross_entropy(logits[at], y[at], reduction='sum').item()
+        queries += at.sum().item()
+    return right / queries, loss / queries
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv):
     cfg = configure_or_exit(defaults, argv)
-    if cfg['mode'] not in ('loss', 'passkey', 'both'):
-        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both", status=2)
+    if cfg['mode'] not in ('loss', 'passkey', 'both', 'mqar'):
+        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both, mqar", status=2)
     if cfg['extend'] not in ('', 'interpolate', 'copy'):
         die(f"extend={cfg['extend']!r} is not one of '', interpolate, copy", status=2)
-    for key in ('context', 'bucket', 'stride', 'windows'):
+    for key in ('context', 'bucket', 'stride', 'windows', 'sequences'):
         if cfg[key] < 0:
             die(f"{key}={cfg[key]} must not be negative (0 chooses the default)", status=2)
     torch.manual_seed(cfg['seed'])
@@ -252,6 +300,28 @@ def main(argv):
                 row = [results[n, L, d] for n in names]
                 print(f'| {L} | {DEPTH_NAMES.get(d, d)} | ' + ' | '.join(
                     'n/a' if r is None else f'{100 * r[0]:.0f} / {100 * r[1]:.0f}' for r in row) + ' |')
+
+    if cfg['mode'] == 'mqar':
+        rows = {}  # name -> (dataset, 'sequences (queries)', accuracy, loss)
+        for name, (model, ckpt) in models.items():
+            data_dir, meta, tokens, targets = mqar_val(name, ckpt, cfg['dataset'])
+            T = meta['mqar']['seq_len']
+            m = at_length(model, T, cfg['extend'])
+            if m is None:
+                die(f"{name}: the sequences of {data_dir} have {T} tokens, past its block_size="
+                    f"{model.config.block_size} (learned positions): pass --extend=interpolate or "
+                    f"--extend=copy", status=2)
+            tokens, targets = tokens[:cfg['sequences'] or None], targets[:cfg['sequences'] or None]
+            accuracy, loss = mqar_recall(m, tokens, targets, cfg['batch_size'], cfg['device'])
+            queries = int((targets != -1).sum())
+            rows[name] = (os.path.basename(data_dir), f'{len(tokens)} ({queries})', accuracy, loss)
+        print('\nMQAR recall on the validation sequences: accuracy % (argmax = the value) and loss '
+              'at the recall positions only')
+        print('| | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))
+        print('| dataset | ' + ' | '.join(rows[n][0] for n in names) + ' |')
+        print('| sequences (queries) | ' + ' | '.join(rows[n][1] for n in names) + ' |')
+        print('| accuracy % | ' + ' | '.join(f'{100 * rows[n][2]:.2f}' for n in names) + ' |')
+        print('| loss (nats) | ' + ' | '.join(f'{rows[n][3]:.4f}' for n in names) + ' |')
 
 
 if __name__ == '__main__':

@@ -5,11 +5,18 @@ Prepare a dataset for train.py: token ids in train.bin / val.bin (raw np.uint16,
     python prepare_data.py shakespeare        # GPT-2 BPE (tiktoken r50k_base)
     python prepare_data.py shakespeare_char_passkey   # characters, with passkey-retrieval samples mixed in
     python prepare_data.py openwebtext --max_docs 100000 --num_proc 8
+    python prepare_data.py mqar --seq_len 64 --pairs 8 --vocab 256   # data/mqar_T64_N8_V256/
+    python prepare_data.py mqar_T64_N8_V256                          # the same, by its name
 
 meta.pkl is a pickled dict: {'vocab_size': int, 'stoi': {char: int}, 'itos': {int: char}} for a character
 vocabulary, or {'vocab_size': 50257, 'tokenizer': 'r50k_base'} for GPT-2 BPE (<|endoftext|> = 50256).
 A folder with train.bin and val.bin but no meta.pkl (nanoGPT's data/openwebtext) is GPT-2 BPE:
 read_meta() says so.
+
+MQAR (multi-query associative recall, see prepare_mqar) is no text: <split>.bin holds whole
+sequences of seq_len tokens one after another, <split>_targets.bin (np.int16) the target of every
+position (-1 but where a value must be recalled), and meta.pkl {'vocab_size': vocab, 'mqar':
+{'seq_len': ..., 'pairs': ..., ...}}, which tells train.py to draw whole sequences.
 
 A half-prepared folder is never used: while a folder is written it holds the marker file
 .preparing, written first and removed last, and is_prepared() never accepts a folder with it (a
@@ -100,9 +107,9 @@ def remove_stale_temp_files(out_dir):
             path.unlink(missing_ok=True)  # missing_ok: another run may be removing it too
 
 
-def write_bin(path, ids):
+def write_bin(path, ids, dtype=np.uint16):
     with atomic_path(path) as tmp:
-        np.asarray(ids, dtype=np.uint16).tofile(tmp)
+        np.asarray(ids, dtype=dtype).tofile(tmp)
 
 
 def write_meta(out_dir, meta):
@@ -387,6 +394,98 @@ def prepare_openwebtext(out_dir, input_path=None, max_docs=None, num_proc=None, 
 
 
 # -----------------------------------------------------------------------------
+# MQAR, multi-query associative recall (docs/attention.md section 10; Zoology, arXiv 2312.04927)
+
+MQAR_SEQ_LEN = 64  # defaults: a CPU-sized setting (Zoology's shortest sequences, 8 pairs)
+MQAR_PAIRS = 8
+MQAR_VOCAB = 256
+MQAR_TRAIN_SAMPLES = 100_000  # Zoology's number of training sequences
+MQAR_VAL_SAMPLES = 3_000
+MQAR_SEED = 2357
+MQAR_FILLER = 0  # the id of every position that is neither a pair nor a query key
+MQAR_NAME = re.compile(r'mqar_T(\d+)_N(\d+)_V(\d+)')  # a setting's dataset name
+
+
+def mqar_name(seq_len, pairs, vocab):
+    """The name of a setting's dataset, and of its folder under data/: mqar_T64_N8_V256."""
+    return f'mqar_T{seq_len}_N{pairs}_V{vocab}'
+
+
+def mqar_sample(rng, seq_len, pairs, vocab):
+    """One MQAR sequence: its tokens x and targets y, (seq_len,) each.
+
+    x opens with the N pairs k1 v1 ... kN vN: distinct keys from [1, vocab/2), distinct values from
+    [vocab/2, vocab). The rest is (seq_len - 2N) // 2 slots of two tokens: N slots, chosen uniformly
+    without replacement, each hold one key (every key once, in random order) followed by the filler
+    0; every other position is the filler. The value is not written after its query: answered values
+    would then tell a model which values are left (the last query by elimination, no recall).
+    y[t] is the value paired with x[t] where t is a query, -1 elsewhere: the model has just read the
+    key again and must output its value; train.py's loss ignores the -1s."""
+    keys = rng.choice(vocab // 2 - 1, pairs, replace=False) + 1
+    values = rng.choice(vocab - vocab // 2, pairs, replace=False) + vocab // 2
+    x = np.full(seq_len, MQAR_FILLER)
+    y = np.full(seq_len, -1)
+    x[0:2 * pairs:2] = keys
+    x[1:2 * pairs:2] = values
+    # choice without replacement comes in random order: key i goes to slot slots[i]
+    slots = rng.choice((seq_len - 2 * pairs) // 2, pairs, replace=False)
+    queries = 2 * pairs + 2 * slots  # the first position of each slot
+    x[queries] = keys
+    y[queries] = values
+    return x, y
+
+
+def check_mqar(seq_len, pairs, vocab, train_samples, val_samples):
+    """A setting that cannot be built is a PrepareError, before anything is written."""
+    if min(seq_len, pairs, vocab, train_samples, val_samples) < 1:
+        raise PrepareError(f'seq_len={seq_len}, pairs={pairs}, vocab={vocab}, train_samples='
+                           f'{train_samples} and val_samples={val_samples} must all be at least 1')
+    if 4 * pairs > seq_len:  # 2N tokens of pairs, then N query slots of 2 tokens
+        raise PrepareError(f'seq_len={seq_len} is too short for pairs={pairs}: the pairs and the '
+                           f'query slots need 4 * pairs = {4 * pairs} tokens')
+    if vocab // 2 - 1 < pairs:  # id 0 is the filler, keys are 1 .. vocab/2 - 1
+        raise PrepareError(f'vocab={vocab} has {vocab // 2 - 1} key ids for pairs={pairs} distinct '
+                           f'keys: use vocab >= {2 * pairs + 2}')
+    if vocab > 2**15:  # the targets are stored as int16
+        raise PrepareError(f'vocab={vocab} does not fit the int16 targets: use vocab <= {2**15}')
+
+
+def prepare_mqar(out_dir, seq_len, pairs, vocab, train_samples=MQAR_TRAIN_SAMPLES,
+                 val_samples=MQAR_VAL_SAMPLES, seed=MQAR_SEED, input_path=None, **kw):
+    """train_samples and val_samples MQAR sequences (mqar_sample): tokens in <split>.bin, one
+    sequence every seq_len tokens, targets in <split>_targets.bin. Each split draws from its own
+    stream of `seed`, so val shares no random numbers with train."""
+    if input_path is not None:
+        raise PrepareError('--input is only for the Shakespeare datasets: mqar is generated')
+    check_mqar(seq_len, pairs, vocab, train_samples, val_samples)
+    start_writing(out_dir)
+    for i, (split, n) in enumerate((('train', train_samples), ('val', val_samples))):
+        rng = np.random.default_rng([seed, i])  # SeedSequence: independent streams for i = 0, 1
+        x = np.empty((n, seq_len), dtype=np.uint16)
+        y = np.empty((n, seq_len), dtype=np.int16)
+        for j in tqdm(range(n), desc=f'{split} sequences', disable=None):
+            x[j], y[j] = mqar_sample(rng, seq_len, pairs, vocab)
+        write_bin(out_dir / f'{split}.bin', x)
+        write_bin(out_dir / f'{split}_targets.bin', y, np.int16)
+    setting = dict(seq_len=seq_len, pairs=pairs, filler=MQAR_FILLER, keys=(1, vocab // 2),
+                   values=(vocab // 2, vocab), seed=seed, train_samples=train_samples,
+                   val_samples=val_samples)
+    finish_writing(out_dir, {'vocab_size': vocab, 'mqar': setting})
+
+
+def read_mqar(data_dir, split, seq_len):
+    """A prepared MQAR split as two (samples, seq_len) arrays mapped from disk: tokens, targets."""
+    paths = [Path(data_dir) / f'{split}.bin', Path(data_dir) / f'{split}_targets.bin']
+    sizes = [path.stat().st_size if path.is_file() else 0 for path in paths]
+    if sizes[0] == 0 or sizes[0] != sizes[1] or sizes[0] % (2 * seq_len):  # 2 bytes a token
+        raise PrepareError(f'{paths[0]} and {paths[1].name} do not hold the same whole sequences '
+                           f'of {seq_len} tokens: prepare the dataset again')
+    x = np.memmap(paths[0], dtype=np.uint16, mode='r')
+    y = np.memmap(paths[1], dtype=np.int16, mode='r')
+    return x.reshape(-1, seq_len), y.reshape(-1, seq_len)
+
+
+# -----------------------------------------------------------------------------
 
 DATASETS = {
     'shakespeare_char': prepare_shakespeare_char,
@@ -396,27 +495,58 @@ DATASETS = {
 }
 
 
+def preparable(name):
+    """Whether prepare(name) writes data/<name>/: a name of DATASETS, or an MQAR setting's."""
+    return name in DATASETS or MQAR_NAME.fullmatch(name) is not None
+
+
 def prepare(name, input_path=None, out_dir=None, **kw):
-    """Write train.bin, val.bin and meta.pkl for dataset `name` into out_dir (default data/<name>/); return it."""
-    if name not in DATASETS:
-        raise PrepareError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}')
+    """Write train.bin, val.bin and meta.pkl for dataset `name` into out_dir (default
+    data/<name>/); return it. 'mqar' with seq_len, pairs and vocab in kw is the dataset named
+    after them, mqar_name(); that name says them all, so train.py --dataset=mqar_T64_N8_V256
+    prepares it on first use."""
+    setting = MQAR_NAME.fullmatch(name)
+    if name == 'mqar':
+        kw = {'seq_len': MQAR_SEQ_LEN, 'pairs': MQAR_PAIRS, 'vocab': MQAR_VOCAB, **kw}
+        name = mqar_name(kw['seq_len'], kw['pairs'], kw['vocab'])
+    elif setting:  # the name holds the setting
+        kw.update(seq_len=int(setting[1]), pairs=int(setting[2]), vocab=int(setting[3]))
+    elif name not in DATASETS:
+        raise PrepareError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}, mqar '
+                           f'or mqar_T<seq_len>_N<pairs>_V<vocab>')
     out_dir = Path(out_dir) if out_dir is not None else REPO / 'data' / name
     remove_stale_temp_files(out_dir)
-    DATASETS[name](out_dir, input_path=input_path, **kw)
+    build = DATASETS.get(name, prepare_mqar)  # an MQAR setting's name is none of DATASETS
+    build(out_dir, input_path=input_path, **kw)
     return out_dir
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Tokenise a dataset into train.bin, val.bin and meta.pkl.')
-    parser.add_argument('name', choices=list(DATASETS))
+    parser.add_argument('name', help=f'{", ".join(DATASETS)}, mqar (its setting from --seq_len, '
+                        f'--pairs, --vocab) or a setting\'s name, e.g. mqar_T64_N8_V256')
     parser.add_argument('--input', help='text file to use (Shakespeare sets; default: '
                         '$SHAKESPEARE_INPUT, else <out_dir>/input.txt, else downloaded there)')
-    parser.add_argument('--out_dir', help='output folder (default: data/<name>/ in the repo)')
+    parser.add_argument('--out_dir', help='output folder (default: data/<name>/ in the repo; mqar: '
+                        'data/mqar_T<seq_len>_N<pairs>_V<vocab>/)')
     parser.add_argument('--max_docs', type=int, help='openwebtext: use only the first N documents')
     parser.add_argument('--num_proc', type=int, help='openwebtext: worker processes (default: all CPUs)')
+    parser.add_argument('--seq_len', type=int, default=MQAR_SEQ_LEN,
+                        help='mqar: tokens per sequence')
+    parser.add_argument('--pairs', type=int, default=MQAR_PAIRS,
+                        help='mqar: key-value pairs per sequence')
+    parser.add_argument('--vocab', type=int, default=MQAR_VOCAB, help='mqar: vocabulary size')
+    parser.add_argument('--train_samples', type=int, default=MQAR_TRAIN_SAMPLES,
+                        help='mqar: training sequences')
+    parser.add_argument('--val_samples', type=int, default=MQAR_VAL_SAMPLES,
+                        help='mqar: validation sequences')
+    parser.add_argument('--seed', type=int, default=MQAR_SEED, help='mqar: the seed of both splits')
     args = parser.parse_args(argv)
     try:
-        out_dir = prepare(args.name, args.input, args.out_dir, max_docs=args.max_docs, num_proc=args.num_proc)
+        out_dir = prepare(args.name, args.input, args.out_dir, max_docs=args.max_docs,
+                          num_proc=args.num_proc, seq_len=args.seq_len, pairs=args.pairs,
+                          vocab=args.vocab, train_samples=args.train_samples,
+                          val_samples=args.val_samples, seed=args.seed)
     except PrepareError as e:
         print(f'prepare_data.py: error: {e}', file=sys.stderr)
         sys.exit(1)

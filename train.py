@@ -297,10 +297,11 @@ if position_table is not None and block_size > position_table and extend_method 
 # data: a dataset name is prepared on first use (by one process, while the others wait)
 data_dir = data_folder(dataset)
 if not prepare_data.is_prepared(data_dir):
-    if dataset not in prepare_data.DATASETS:
+    if not prepare_data.preparable(dataset):
         die(f"no prepared dataset in {data_dir} (train.bin and val.bin, no {prepare_data.MARKER} "
             f"marker of an unfinished preparation): use one of "
-            f"{', '.join(prepare_data.DATASETS)}, or a folder written by prepare_data.py", status=2)
+            f"{', '.join(prepare_data.DATASETS)}, an MQAR setting (mqar_T64_N8_V256), or a folder "
+            f"written by prepare_data.py", status=2)
     if master_process:
         print(f"dataset {dataset!r} is not prepared yet: preparing it now "
               f"(python prepare_data.py {dataset})")
@@ -311,7 +312,17 @@ if not prepare_data.is_prepared(data_dir):
     if ddp:
         dist.barrier()
 meta = dataset_meta(dataset)  # the vocabulary: saved in every checkpoint for sample.py
+if 'mqar' in meta and block_size != meta['mqar']['seq_len']:  # get_batch draws whole sequences
+    die(f"dataset {dataset!r} holds MQAR sequences of {meta['mqar']['seq_len']} tokens, which "
+        f"the model reads whole: use --block_size={meta['mqar']['seq_len']} (not {block_size})",
+        status=2)
 for split in ('train', 'val'):
+    if 'mqar' in meta:
+        try:  # whole sequences, and a target for each of their tokens
+            prepare_data.read_mqar(data_dir, split, block_size)
+        except prepare_data.PrepareError as e:
+            die(e)
+        continue
     n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2  # uint16
     if n_tokens <= block_size:
         die(f"{data_dir}/{split}.bin has {n_tokens} tokens, too few for block_size={block_size}: "
@@ -319,29 +330,40 @@ for split in ('train', 'val'):
 
 
 def vocabulary(meta):
-    """What a meta.pkl's ids mean, in words: a character table, or a BPE tokenizer."""
+    """What a meta.pkl's ids mean, in words: a character table, MQAR's ids, or a BPE tokenizer."""
     if 'stoi' in meta:
         return f"{meta['vocab_size']} characters"
+    if 'mqar' in meta:
+        return f"MQAR's {meta['vocab_size']} ids"
     return f"the {meta.get('tokenizer')} BPE"
 
 
 if checkpoint is not None or from_gpt2:  # the ids must mean what they meant in training
     trained_meta = checkpoint['meta'] if checkpoint is not None else GPT2_META
-    trained = (trained_meta.get('stoi'), trained_meta.get('tokenizer'))
-    if (meta.get('stoi'), meta.get('tokenizer')) != trained:
+    trained = (trained_meta.get('stoi'), trained_meta.get('tokenizer'), trained_meta['vocab_size'])
+    if (meta.get('stoi'), meta.get('tokenizer'), meta['vocab_size']) != trained:
         die(f"dataset {dataset!r} has another vocabulary ({vocabulary(meta)}) than the model of "
             f"{init_from} was trained on ({vocabulary(trained_meta)}): use that model's dataset, "
             f"or train from scratch", status=2)
 
 
 def get_batch(split, generator=None):
-    """batch_size random windows of block_size tokens: inputs x and next-token targets y (B, T)."""
+    """batch_size random windows of block_size tokens: inputs x and next-token targets y (B, T).
+    MQAR: batch_size random whole sequences and their targets, -1 but at the recall positions
+    (the loss ignores -1), so the loss is the loss of recall alone."""
     # recreate np.memmap every batch to avoid a memory leak, as per
     # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    if 'mqar' in meta:
+        tokens, targets = prepare_data.read_mqar(data_dir, split, block_size)  # (samples, T)
+        ix = torch.randint(len(tokens), (batch_size,), generator=generator).numpy()
+        x = torch.from_numpy(tokens[ix].astype(np.int64))
+        y = torch.from_numpy(targets[ix].astype(np.int64))
+    else:
+        data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+        x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64))
+                         for i in ix])
     if device_type == 'cuda':  # pinned memory lets the copy to the GPU run asynchronously
         x = x.pin_memory().to(device, non_blocking=True)
         y = y.pin_memory().to(device, non_blocking=True)
@@ -355,9 +377,10 @@ log(f"tokens per iteration will be: {tokens_per_iter:,}")
 # model: from scratch, from a checkpoint (resume or new run), or from GPT-2
 iter_num = 0
 best_val_loss = 1e9
-# GPT-2's 50257 tokens are padded to 50304 (a multiple of 64) for faster matmuls; characters are not
+# GPT-2's 50257 tokens are padded to 50304 (a multiple of 64) for faster matmuls; characters and
+# MQAR ids are not (MQAR's loss at the start is then ln(vocab), the loss of a uniform guess)
 model_args['vocab_size'] = meta['vocab_size']
-if 'stoi' not in meta:
+if 'stoi' not in meta and 'mqar' not in meta:
     model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
 if init_from == 'scratch':
     log("initializing a new model from scratch")
