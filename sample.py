@@ -45,6 +45,8 @@ DEFAULTS = {k: v for k, v in globals().items()
 
 def tokenizer(meta):
     """-> (encode: text -> ids, decode_stream: ids -> text pieces, the prompt for an empty one)."""
+    if 'mqar' in meta:
+        die("an MQAR model reads ids, not text: score it with eval_long.py --mode=mqar", status=2)
     if 'stoi' in meta:  # characters
         stoi, itos = meta['stoi'], meta['itos']
 
