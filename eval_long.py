@@ -2,25 +2,28 @@
 Does a model use a long context? Three measurements for any checkpoint written by train.py
 (docs/attention.md sections 5, 6 and 10):
 
-  loss     validation loss by position bucket at a chosen context length: does the loss keep falling as the
-           model sees more of the text, and where does it stop improving?
-  passkey  a 5-digit key hidden in filler text (prepare_data.passkey_sample), by total length and needle depth:
-           exact match of the greedy decode of the key, and per-digit accuracy under teacher forcing
+  loss     validation loss by position bucket at a chosen context length: does the loss keep
+           falling as the model sees more of the text, and where does it stop improving?
+  passkey  a 5-digit key hidden in filler text (prepare_data.passkey_sample), by total length and
+           needle depth: exact match of the greedy decode of the key, and per-digit accuracy under
+           teacher forcing
   mqar     multi-query associative recall (prepare_data.mqar_sample) on the validation sequences
            of an MQAR dataset: the share of queries whose value is the argmax, and the loss there
 
     python eval_long.py --ckpt=out-inattn-long --context=256 --plot=loss_by_position.png
-    python eval_long.py --ckpt=out-inattn-shakespeare-char,out-inattn-long --context=256 --extend=interpolate
+    python eval_long.py --ckpt=out-inattn-shakespeare-char,out-inattn-long --context=256 \
+        --extend=interpolate
     python eval_long.py --ckpt=out-inattn-passkey --mode=passkey --lengths=[256,512,1024]
     python eval_long.py --ckpt=out-mqar,out-inattn-mqar --mode=mqar
 
-Several checkpoints (comma-separated) are compared side by side on the same windows and the same keys.
-The loss windows start every --stride tokens (default: the bucket width) over val.bin, so every bucket scores the
-same text and a difference between buckets is the effect of the context alone.
-A model with learned positions cannot read past its block_size: --extend=interpolate|copy grows its position
-table in memory first (no training); without it, longer passkey lengths are reported as n/a and a longer loss
-context is an error. Models without positions (pos_emb='none': Lightning, Infini-attention) run at any length.
-The passkey keys are the evaluation keys (prepare_data.is_eval_key), never seen in training.
+Several checkpoints (comma-separated) are compared side by side on the same windows and the
+same keys. The loss windows start every --stride tokens (default: the bucket width) over
+val.bin, so every bucket scores the same text and a difference between buckets is the effect
+of the context alone. A model with learned positions cannot read past its block_size:
+--extend=interpolate|copy grows its position table in memory first (no training); without
+it, longer passkey lengths are reported as n/a and a longer loss context is an error. Models
+without positions (pos_emb='none': Lightning, Infini-attention) run at any length. The
+passkey keys are the evaluation keys (prepare_data.is_eval_key), never seen in training.
 """
 import copy
 import os
@@ -38,18 +41,25 @@ from configurator import configure_or_exit, die
 DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
 
 defaults = dict(
-    ckpt='out-inattn-long',  # a checkpoint folder (holding ckpt.pt) or file; several, comma-separated
+    ckpt='out-inattn-long',  # a checkpoint folder (holding ckpt.pt) or file;
+                             # several, comma-separated
     mode='loss',             # 'loss' | 'passkey' | 'both' (loss and passkey) | 'mqar'
     dataset='',              # loss, mqar: validation data; '' = each checkpoint's own dataset
     context=0,               # loss: window length in tokens; 0 = the first checkpoint's block_size
     bucket=0,                # loss: positions per bucket; 0 = context // 8
-    stride=0,                # loss: tokens between window starts; 0 = the bucket width (see loss_by_position)
-    windows=0,               # loss: at most this many windows from the start of val.bin; 0 = all that fit
+    stride=0,                # loss: tokens between window starts;
+                             # 0 = the bucket width (see loss_by_position)
+    windows=0,               # loss: at most this many windows from
+                             # the start of val.bin; 0 = all that fit
     plot='',                 # loss: write the loss-by-position curves to this PNG
-    mark=0,                  # loss: draw a vertical line at this position in the plot (e.g. the original block)
-    extend='',               # '' | 'interpolate' | 'copy': grow learned positions in memory to reach a length
-    lengths=[],              # passkey: total lengths (prompt + key); [] = 1x, 2x, 4x the first block_size
-    depths=[0.0, 0.5, 1.0],  # passkey: needle depth, 0 = start of the text, 1 = right before the question
+    mark=0,                  # loss: draw a vertical line at this position
+                             # in the plot (e.g. the original block)
+    extend='',               # '' | 'interpolate' | 'copy':
+                             # grow learned positions in memory to reach a length
+    lengths=[],              # passkey: total lengths (prompt + key);
+                             # [] = 1x, 2x, 4x the first block_size
+    depths=[0.0, 0.5, 1.0],  # passkey: needle depth, 0 = start of the text,
+                             # 1 = right before the question
     samples=50,              # passkey: keys per (length, depth) cell
     sequences=0,             # mqar: score the first N validation sequences; 0 = all
     batch_size=16,
@@ -59,7 +69,8 @@ defaults = dict(
 
 
 def load(path, device):
-    """A GPT (eval mode) and its checkpoint dict from a train.py checkpoint file or a folder holding ckpt.pt."""
+    """A GPT (eval mode) and its checkpoint dict from a
+    train.py checkpoint file or a folder holding ckpt.pt."""
     file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         die(f"no checkpoint at {file}: train one with train.py, or pass --ckpt=FOLDER_OR_FILE")
@@ -68,8 +79,8 @@ def load(path, device):
 
 
 def at_length(model, length, extend):
-    """The model able to read `length` tokens: itself, a copy whose position table is extended in memory,
-    or None when its learned positions stop short and no extension was asked for."""
+    """The model able to read `length` tokens: itself, a copy whose position table is extended
+    in memory, or None when its learned positions stop short and no extension was asked for."""
     if model.transformer.wpe is None or length <= model.config.block_size:
         return model
     if not extend:
@@ -85,7 +96,8 @@ def dataset_dir(ckpt, dataset):
     data_dir = data_folder(name)
     if not prepare_data.is_prepared(data_dir):
         if not prepare_data.preparable(name):
-            die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by prepare_data.py")
+            die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by "
+                f"prepare_data.py")
         try:
             prepare_data.prepare(name)
         except prepare_data.PrepareError as e:
@@ -99,14 +111,16 @@ def val_data(ckpt, dataset):
 
 
 def encoder(meta):
-    """text -> token ids in the checkpoint's vocabulary; a character vocabulary must hold the passkey's characters."""
+    """text -> token ids in the checkpoint's vocabulary;
+    a character vocabulary must hold the passkey's characters."""
     if 'tokenizer' in meta:
         return prepare_data.get_encoding().encode_ordinary
     stoi = meta['stoi']
     missing = ''.join(sorted(prepare_data.PASSKEY_CHARS - set(stoi)))
     if missing:
-        raise ValueError(f"the model's vocabulary has no {missing!r}: passkey needs a model trained on a vocabulary "
-                         f"with digits, e.g. dataset='shakespeare_char_passkey'")
+        raise ValueError(f"the model's vocabulary has no {missing!r}: passkey needs a model "
+                         f"trained on a vocabulary with digits, e.g. "
+                         f"dataset='shakespeare_char_passkey'")
     return lambda text: [stoi[ch] for ch in text]
 
 
@@ -114,35 +128,41 @@ def encoder(meta):
 # loss by position
 
 def window_starts(n_tokens, context, stride, windows):
-    """Start of every `stride`-th window of `context` tokens from the beginning of the data; the first `windows`
-    of them (0 = all that fit)."""
+    """Start of every `stride`-th window of `context` tokens from the
+    beginning of the data; the first `windows` of them (0 = all that fit)."""
     return torch.arange(0, n_tokens - context, stride)[:windows or None]
 
 
 @torch.no_grad()
 def loss_by_position(model, data, context, stride, windows, batch_size, device='cpu'):
-    """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over windows that start every
-    `stride` tokens from the beginning of `data` (`windows` of them; 0 = all that fit). With the stride dividing the
-    bucket width, every bucket of positions scores the same tokens, each the same number of times (but for the
-    first and last `context` tokens of the span), so a difference between buckets comes from the context alone,
-    not from which text happened to land there."""
+    """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over
+    windows that start every `stride` tokens from the beginning of `data` (`windows` of
+    them; 0 = all that fit). With the stride dividing the bucket width, every bucket of
+    positions scores the same tokens, each the same number of times (but for the first
+    and last `context` tokens of the span), so a difference between buckets comes from
+    the context alone, not from which text happened to land there."""
     if len(data) <= context:
-        raise ValueError(f"the validation data has {len(data)} tokens, too few for context={context}")
+        raise ValueError(f"the validation data has {len(data)} tokens, "
+                         f"too few for context={context}")
     ix = window_starts(len(data), context, stride, windows)
     total = torch.zeros(context)
     for i in tqdm(range(0, len(ix), batch_size), desc=f'loss at context {context}', leave=False,
                   disable=None):
-        x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in ix[i:i + batch_size]])
-        y = torch.stack([torch.from_numpy(data[j + 1:j + 1 + context].astype(np.int64)) for j in ix[i:i + batch_size]])
+        starts = ix[i:i + batch_size]
+        x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in starts])
+        y = torch.stack([torch.from_numpy(data[j + 1:j + 1 + context].astype(np.int64))
+                         for j in starts])
         logits, _ = model(x.to(device), y.to(device))  # (B, T, V)
-        total += F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction='none').sum(0).cpu()  # (T,)
+        loss = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction='none')  # (B, T)
+        total += loss.sum(0).cpu()  # (T,)
     return total / len(ix)
 
 
 def buckets(per_position, width):
     """[(first, last + 1, mean loss)] over consecutive positions, `width` at a time."""
     T = len(per_position)
-    return [(lo, min(lo + width, T), per_position[lo:lo + width].mean().item()) for lo in range(0, T, width)]
+    return [(lo, min(lo + width, T), per_position[lo:lo + width].mean().item())
+            for lo in range(0, T, width)]
 
 
 def plot_losses(curves, width, mark, path):
@@ -153,8 +173,8 @@ def plot_losses(curves, width, mark, path):
     for name, per_position in curves.items():
         line, = ax.plot(per_position.numpy(), alpha=0.25, linewidth=0.8)
         rows = buckets(per_position, width)
-        ax.step([lo for lo, _, _ in rows] + [rows[-1][1]], [m for _, _, m in rows] + [rows[-1][2]], where='post',
-                color=line.get_color(), label=name)
+        ax.step([lo for lo, _, _ in rows] + [rows[-1][1]], [m for _, _, m in rows] + [rows[-1][2]],
+                where='post', color=line.get_color(), label=name)
     if mark:
         ax.axvline(mark, color='gray', linestyle='--', linewidth=1)
     ax.set_xlabel('position in the window (tokens of context before the prediction)')
@@ -173,16 +193,19 @@ def plot_losses(curves, width, mark, path):
 
 @torch.no_grad()
 def passkey(model, encode, length, depth, samples, batch_size, seed, device='cpu'):
-    """(exact match, per-digit accuracy) over `samples` evaluation keys at one total length and needle depth.
-    Exact: the greedy decode (the model's own cached decoding) equals the key. Per digit: under teacher forcing,
-    the argmax at each key position given the true digits before it."""
-    rng = np.random.default_rng([seed, length, round(1000 * depth)])  # the same keys for every model
+    """(exact match, per-digit accuracy) over `samples` evaluation keys at one total
+    length and needle depth. Exact: the greedy decode (the model's own cached decoding)
+    equals the key. Per digit: under teacher forcing, the argmax at each key position
+    given the true digits before it."""
+    # the same keys for every model
+    rng = np.random.default_rng([seed, length, round(1000 * depth)])
     keys = rng.choice(prepare_data.passkey_keys('eval'), samples, replace=False)
     cases = [prepare_data.passkey_sample(encode, int(k), length, depth) for k in keys]
     exact = per_digit = 0.0
     for i in range(0, samples, batch_size):
-        prompt = torch.tensor([p for p, _ in cases[i:i + batch_size]], device=device)  # (B, length - A)
-        answer = torch.tensor([a for _, a in cases[i:i + batch_size]], device=device)  # (B, A)
+        batch = cases[i:i + batch_size]
+        prompt = torch.tensor([p for p, _ in batch], device=device)  # (B, length - A)
+        answer = torch.tensor([a for _, a in batch], device=device)  # (B, A)
         A = answer.size(1)
         decoded = model.generate(prompt, A, temperature=0)[:, -A:]
         exact += (decoded == answer).all(dim=1).sum().item()
@@ -261,13 +284,15 @@ def main(argv):
         for name, (model, ckpt) in models.items():
             m = at_length(model, context, cfg['extend'])
             if m is None:
-                die(f"{name}: context={context} is past its block_size={model.config.block_size} (learned positions):"
-                    f" pass --extend=interpolate or --extend=copy to grow its position table in memory", status=2)
+                die(f"{name}: context={context} is past its block_size={model.config.block_size} "
+                    f"(learned positions): pass --extend=interpolate or --extend=copy to grow its "
+                    f"position table in memory", status=2)
             data = val_data(ckpt, cfg['dataset'])
-            curves[name] = loss_by_position(m, data, context, stride, cfg['windows'], cfg['batch_size'],
-                                            cfg['device'])
+            curves[name] = loss_by_position(m, data, context, stride, cfg['windows'],
+                                            cfg['batch_size'], cfg['device'])
         n = len(window_starts(len(data), context, stride, cfg['windows']))
-        print(f"\nvalidation loss by position, context {context}, {n} windows starting every {stride} tokens"
+        print(f"\nvalidation loss by position, context {context}, {n} windows starting every "
+              f"{stride} tokens"
               + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else ''))
         print('| positions | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))
         table = {name: buckets(c, width) for name, c in curves.items()}
@@ -289,17 +314,20 @@ def main(argv):
                 die(f"{name}: {e}", status=2)
         for name, L, d in tqdm(cells, desc='passkey', disable=None):
             m = at_length(models[name][0], L, cfg['extend'])
-            results[name, L, d] = None if m is None else passkey(m, encoders[name], L, d, cfg['samples'],
-                                                                 cfg['batch_size'], cfg['seed'], cfg['device'])
-        print(f"\npasskey retrieval: exact match % / per-digit % over {cfg['samples']} evaluation keys per cell"
+            results[name, L, d] = None if m is None else passkey(
+                m, encoders[name], L, d, cfg['samples'], cfg['batch_size'], cfg['seed'],
+                cfg['device'])
+        print(f"\npasskey retrieval: exact match % / per-digit % over {cfg['samples']} evaluation "
+              f"keys per cell"
               + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else
                  "; n/a: past the learned positions (try --extend)"))
         print('| length | depth | ' + ' | '.join(names) + ' |\n|---|---|' + '---|' * len(names))
         for L in lengths:
             for d in cfg['depths']:
                 row = [results[n, L, d] for n in names]
-                print(f'| {L} | {DEPTH_NAMES.get(d, d)} | ' + ' | '.join(
-                    'n/a' if r is None else f'{100 * r[0]:.0f} / {100 * r[1]:.0f}' for r in row) + ' |')
+                shown = ['n/a' if r is None else f'{100 * r[0]:.0f} / {100 * r[1]:.0f}'
+                         for r in row]
+                print(f'| {L} | {DEPTH_NAMES.get(d, d)} | ' + ' | '.join(shown) + ' |')
 
     if cfg['mode'] == 'mqar':
         rows = {}  # name -> (dataset, 'sequences (queries)', accuracy, loss)

@@ -1,17 +1,19 @@
 """
-Prepare a dataset for train.py: token ids in train.bin / val.bin (raw np.uint16, as nanoGPT) and meta.pkl.
+Prepare a dataset for train.py: token ids in train.bin / val.bin (raw np.uint16, as nanoGPT)
+and meta.pkl.
 
     python prepare_data.py shakespeare_char   # character vocabulary, ~1M chars
     python prepare_data.py shakespeare        # GPT-2 BPE (tiktoken r50k_base)
-    python prepare_data.py shakespeare_char_passkey   # characters, with passkey-retrieval samples mixed in
+    python prepare_data.py shakespeare_char_passkey   # characters, with passkey-retrieval
+                                                      # samples mixed in
     python prepare_data.py openwebtext --max_docs 100000 --num_proc 8
     python prepare_data.py mqar --seq_len 64 --pairs 8 --vocab 256   # data/mqar_T64_N8_V256/
     python prepare_data.py mqar_T64_N8_V256                          # the same, by its name
 
-meta.pkl is a pickled dict: {'vocab_size': int, 'stoi': {char: int}, 'itos': {int: char}} for a character
-vocabulary, or {'vocab_size': 50257, 'tokenizer': 'r50k_base'} for GPT-2 BPE (<|endoftext|> = 50256).
-A folder with train.bin and val.bin but no meta.pkl (nanoGPT's data/openwebtext) is GPT-2 BPE:
-read_meta() says so.
+meta.pkl is a pickled dict: {'vocab_size': int, 'stoi': {char: int}, 'itos': {int: char}} for a
+character vocabulary, or {'vocab_size': 50257, 'tokenizer': 'r50k_base'} for GPT-2 BPE
+(<|endoftext|> = 50256). A folder with train.bin and val.bin but no meta.pkl (nanoGPT's
+data/openwebtext) is GPT-2 BPE: read_meta() says so.
 
 MQAR (multi-query associative recall, see prepare_mqar) is no text: <split>.bin holds whole
 sequences of seq_len tokens one after another, <split>_targets.bin (np.int16) the target of every
@@ -47,7 +49,8 @@ import numpy as np
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent
-SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/'
+                   'tinyshakespeare/input.txt')
 TOKENIZER = 'r50k_base'  # byte-for-byte the GPT-2 vocabulary
 GPT2_META = {'vocab_size': 50257, 'tokenizer': TOKENIZER}  # what a folder without meta.pkl holds
 MARKER = '.preparing'  # in a folder while it is being written: written first, removed last
@@ -73,7 +76,8 @@ def atomic_path(path):
     half-written file. The temp name holds this process's pid, so that a later run can tell a
     dead run's leftovers (remove_stale_temp_files) from the files of a run still writing."""
     path = Path(path)
-    tmp = path.parent / f'.{path.name}.{os.getpid()}.tmp'  # same folder: the rename cannot cross filesystems
+    # same folder: the rename cannot cross filesystems
+    tmp = path.parent / f'.{path.name}.{os.getpid()}.tmp'
     try:
         yield tmp
         fsync_path(tmp)  # on disk before the rename makes them the file (as train.py's ckpt.pt)
@@ -136,8 +140,8 @@ def read_meta(data_dir):
             meta = pickle.load(f)
     except Exception as e:  # a truncated or foreign file fails in many ways (EOFError, ...)
         why = str(e).splitlines()[0] if str(e) else ''  # the message stays one line
-        raise PrepareError(f'{path} cannot be read ({type(e).__name__}: {why}): prepare the dataset '
-                           f'again') from None
+        raise PrepareError(f'{path} cannot be read ({type(e).__name__}: {why}): '
+                           f'prepare the dataset again') from None
     if not isinstance(meta, dict) or 'vocab_size' not in meta:
         raise PrepareError(f'{path} holds no vocab_size, so it is no meta.pkl of prepare_data.py: '
                            f'prepare the dataset again')
@@ -212,7 +216,8 @@ def prepare_shakespeare_char(out_dir, input_path=None, **kw):
     text = read_text(find_input(out_dir, input_path))
     chars = sorted(set(text))
     if len(chars) > 2**16:
-        raise PrepareError(f'{len(chars)} distinct characters do not fit uint16 token ids: use the BPE dataset')
+        raise PrepareError(f'{len(chars)} distinct characters do not fit uint16 token ids: '
+                           f'use the BPE dataset')
     stoi = {ch: i for i, ch in enumerate(chars)}
     itos = {i: ch for i, ch in enumerate(chars)}
     print(f'{len(text):,} characters, vocab size {len(chars)}')
@@ -229,8 +234,9 @@ def get_encoding():
     try:
         return tiktoken.get_encoding(TOKENIZER)
     except Exception as e:  # network errors surface as many types (requests, ssl, OSError)
-        raise PrepareError(f'could not load the tiktoken encoding {TOKENIZER!r} ({type(e).__name__}): go online '
-                           f'once, or set TIKTOKEN_CACHE_DIR to a folder holding its cached file') from None
+        raise PrepareError(f'could not load the tiktoken encoding {TOKENIZER!r} '
+                           f'({type(e).__name__}): go online once, or set TIKTOKEN_CACHE_DIR to a '
+                           f'folder holding its cached file') from None
 
 
 def prepare_shakespeare(out_dir, input_path=None, **kw):
@@ -238,28 +244,35 @@ def prepare_shakespeare(out_dir, input_path=None, **kw):
     enc = get_encoding()
     start_writing(out_dir)
     for split, part in zip(('train', 'val'), split_text(text)):
-        ids = enc.encode_ordinary(part)  # ordinary: '<|endoftext|>' in the text is plain text, not a token
+        # ordinary: '<|endoftext|>' in the text is plain text, not a token
+        ids = enc.encode_ordinary(part)
         print(f'{split} has {len(ids):,} tokens')
         write_bin(out_dir / f'{split}.bin', ids)
     finish_writing(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
 
 
 # -----------------------------------------------------------------------------
-# Passkey retrieval (docs/attention.md section 5): Shakespeare with filler / needle / question samples mixed in.
-# eval_long.py builds its test prompts with the same passkey_sample() and the keys that is_eval_key() reserves.
+# Passkey retrieval (docs/attention.md section 5): Shakespeare with filler / needle /
+# question samples mixed in. eval_long.py builds its test prompts with the same
+# passkey_sample() and the keys that is_eval_key() reserves.
 
-PASSKEY_FILLER = ' The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.'
+PASSKEY_FILLER = (' The grass is green. The sky is blue. The sun is yellow. Here we go.'
+                  ' There and back again.')
 PASSKEY_NEEDLE = '\nThe pass key is {key}. Remember it. {key} is the pass key.\n'
 PASSKEY_QUESTION = '\nWhat is the pass key? The pass key is '  # the answer: the key's 5 digits
-PASSKEY_FRACTION = 0.8  # share of the tokens of train.bin and val.bin in passkey samples (0.5 was too slow to learn)
-PASSKEY_LEN = 256       # longest sample (prompt + key, in tokens): the block_size of config/inattn_passkey.py
+PASSKEY_FRACTION = 0.8  # share of the tokens of train.bin and val.bin
+                        # in passkey samples (0.5 was too slow to learn)
+PASSKEY_LEN = 256       # longest sample (prompt + key, in tokens):
+                        # the block_size of config/inattn_passkey.py
 PASSKEY_SEED = 2357
-PASSKEY_CHARS = set(PASSKEY_FILLER + PASSKEY_NEEDLE.format(key='') + PASSKEY_QUESTION + string.digits)
+PASSKEY_CHARS = set(PASSKEY_FILLER + PASSKEY_NEEDLE.format(key='') + PASSKEY_QUESTION
+                    + string.digits)
 
 
 def is_eval_key(key):
-    """The one rule that splits the keys 10000..99999: ~10% are evaluation keys and never appear in train.bin.
-    A hash, not a digit pattern, so the training keys teach nothing about which digits an eval key has."""
+    """The one rule that splits the keys 10000..99999: ~10% are evaluation keys and
+    never appear in train.bin. A hash, not a digit pattern, so the training keys teach
+    nothing about which digits an eval key has."""
     return zlib.crc32(str(key).encode()) % 10 == 0
 
 
@@ -270,13 +283,16 @@ def passkey_keys(split):
 
 
 def passkey_sample(encode, key, length, depth):
-    """One passkey sample as token ids (prompt, answer) with len(prompt) + len(answer) == length: filler with the
-    needle at `depth` (0: the very start, 1: right before the question), then the question; the answer is the
-    key. encode: text -> list of ids, for a character vocabulary or BPE alike."""
-    needle, question, answer = encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION), encode(str(key))
+    """One passkey sample as token ids (prompt, answer) with len(prompt) + len(answer)
+    == length: filler with the needle at `depth` (0: the very start, 1: right before the
+    question), then the question; the answer is the key. encode: text -> list of ids,
+    for a character vocabulary or BPE alike."""
+    needle = encode(PASSKEY_NEEDLE.format(key=key))
+    question, answer = encode(PASSKEY_QUESTION), encode(str(key))
     n_filler = length - len(needle) - len(question) - len(answer)
     if n_filler < 0:
-        raise ValueError(f'a passkey sample needs at least {length - n_filler} tokens, got length={length}')
+        raise ValueError(f'a passkey sample needs at least {length - n_filler} tokens, '
+                         f'got length={length}')
     unit = encode(PASSKEY_FILLER)
     filler = (unit * (n_filler // len(unit) + 1))[:n_filler]  # the filler repeated and cut to size
     cut = round(depth * n_filler)
@@ -285,21 +301,24 @@ def passkey_sample(encode, key, length, depth):
 
 def passkey_min_len(encode):
     """The shortest passkey sample: needle, question and a 5-digit key, no filler."""
-    return len(encode(PASSKEY_NEEDLE.format(key=10000))) + len(encode(PASSKEY_QUESTION)) + len(encode('10000'))
+    return (len(encode(PASSKEY_NEEDLE.format(key=10000))) + len(encode(PASSKEY_QUESTION))
+            + len(encode('10000')))
 
 
 def mix_passkey(ids, encode, keys, rng, max_len=PASSKEY_LEN, fraction=PASSKEY_FRACTION):
-    """ids (a text's tokens) with passkey samples inserted at random places, as many as make up `fraction` of
-    the result. Each sample: a key drawn from `keys`, a length uniform in [passkey_min_len, max_len], a depth
-    uniform in [0, 1]; on its own lines ('\n' before, '.\n' after the key, as in the needle)."""
+    """ids (a text's tokens) with passkey samples inserted at random places, as many as
+    make up `fraction` of the result. Each sample: a key drawn from `keys`, a length
+    uniform in [passkey_min_len, max_len], a depth uniform in [0, 1]; on its own lines
+    ('\n' before, '.\n' after the key, as in the needle)."""
     shortest = passkey_min_len(encode)
-    n = round(fraction / (1 - fraction) * len(ids) / ((shortest + max_len) / 2))  # samples of mean length
+    # samples of mean length
+    n = round(fraction / (1 - fraction) * len(ids) / ((shortest + max_len) / 2))
     keys, before, after = np.asarray(keys), encode('\n'), encode('.\n')
     out, prev = [], 0
     cuts = np.sort(rng.integers(0, len(ids) + 1, n))
     for cut in tqdm(cuts, desc='mixing passkey samples', disable=None):  # a bar on a terminal only
-        prompt, answer = passkey_sample(encode, int(rng.choice(keys)), int(rng.integers(shortest, max_len + 1)),
-                                        rng.random())
+        prompt, answer = passkey_sample(encode, int(rng.choice(keys)),
+                                        int(rng.integers(shortest, max_len + 1)), rng.random())
         out += ids[prev:cut] + before + prompt + answer + after
         prev = cut
     return out + ids[prev:]
@@ -307,22 +326,27 @@ def mix_passkey(ids, encode, keys, rng, max_len=PASSKEY_LEN, fraction=PASSKEY_FR
 
 def prepare_shakespeare_char_passkey(out_dir, input_path=None, passkey_len=PASSKEY_LEN,
                                      passkey_fraction=PASSKEY_FRACTION, **kw):
-    """Character vocabulary of Shakespeare, the digits and the passkey templates. train.bin mixes the first 90%
-    of the text with samples of training keys, val.bin the rest with samples of evaluation keys."""
+    """Character vocabulary of Shakespeare, the digits and the passkey templates.
+    train.bin mixes the first 90% of the text with samples of training keys, val.bin the
+    rest with samples of evaluation keys."""
     text = read_text(find_input(out_dir, input_path))
     chars = sorted(set(text) | PASSKEY_CHARS)
     stoi = {ch: i for i, ch in enumerate(chars)}
     itos = {i: ch for i, ch in enumerate(chars)}
     encode = lambda s: [stoi[ch] for ch in s]  # noqa: E731
-    if passkey_len < passkey_min_len(encode):  # checked before anything is written: an old dataset stays intact
+    if passkey_len < passkey_min_len(encode):  # checked before anything is written:
+                                               # an old dataset stays intact
         raise PrepareError(f'passkey_len={passkey_len} is too short: a passkey sample needs '
                            f'{passkey_min_len(encode)} tokens')
     print(f'{len(text):,} characters, vocab size {len(chars)}')
     start_writing(out_dir)
-    for i, (split, part, keys) in enumerate(zip(('train', 'val'), split_text(text), ('train', 'eval'))):
+    splits = zip(('train', 'val'), split_text(text), ('train', 'eval'))
+    for i, (split, part, keys) in enumerate(splits):
         rng = np.random.default_rng(PASSKEY_SEED + i)
-        ids = mix_passkey(encode(part), encode, passkey_keys(keys), rng, passkey_len, passkey_fraction)
-        print(f'{split} has {len(ids):,} tokens, {len(ids) - len(part):,} of them in passkey samples')
+        ids = mix_passkey(encode(part), encode, passkey_keys(keys), rng, passkey_len,
+                          passkey_fraction)
+        print(f'{split} has {len(ids):,} tokens, '
+              f'{len(ids) - len(part):,} of them in passkey samples')
         write_bin(out_dir / f'{split}.bin', ids)
     finish_writing(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
 
@@ -331,22 +355,26 @@ def prepare_shakespeare_char_passkey(out_dir, input_path=None, passkey_len=PASSK
 # OpenWebText (Hugging Face datasets), ~8M documents, ~9B tokens
 
 def split_docs(dset, max_docs=None):
-    """Optionally take the first max_docs documents, then hold out 0.05% as 'val' (nanoGPT's split)."""
+    """Optionally take the first max_docs documents,
+    then hold out 0.05% as 'val' (nanoGPT's split)."""
     if max_docs is not None:
         dset = dset.select(range(min(max_docs, len(dset))))
     if len(dset) < 2:
-        raise PrepareError(f'{len(dset)} document(s) cannot be split into train and val: use --max_docs 2 or more')
+        raise PrepareError(f'{len(dset)} document(s) cannot be split into train and val: '
+                           f'use --max_docs 2 or more')
     split = dset.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     split['val'] = split.pop('test')
     return split
 
 
 def write_tokens(dset, path, max_shards=1024):
-    """Concatenate the 'ids' of a tokenised Dataset into a uint16 file, shard by shard (never all in RAM)."""
+    """Concatenate the 'ids' of a tokenised Dataset into
+    a uint16 file, shard by shard (never all in RAM)."""
     arr_len = int(np.sum(dset['len'], dtype=np.uint64))
     if arr_len == 0:
         raise PrepareError(f'no tokens to write to {path}: the split is empty, use more documents')
-    n_shards = min(max_shards, len(dset))  # a tiny dataset cannot be cut into more shards than it has rows
+    # a tiny dataset cannot be cut into more shards than it has rows
+    n_shards = min(max_shards, len(dset))
     with atomic_path(path) as tmp:
         arr = np.memmap(tmp, dtype=np.uint16, mode='w+', shape=(arr_len,))
         idx = 0
@@ -360,7 +388,8 @@ def write_tokens(dset, path, max_shards=1024):
 
 
 def write_bpe_splits(dsets, out_dir, num_proc=1):
-    """Tokenise every split of a DatasetDict with a 'text' column and write <split>.bin, then meta.pkl."""
+    """Tokenise every split of a DatasetDict with a
+    'text' column and write <split>.bin, then meta.pkl."""
     enc = get_encoding()
 
     def process(example):
@@ -381,15 +410,20 @@ OWT_NAME = 'Skylion007/openwebtext'
 
 def prepare_openwebtext(out_dir, input_path=None, max_docs=None, num_proc=None, **kw):
     if input_path is not None:
-        raise PrepareError('--input is only for the Shakespeare datasets: openwebtext comes from Hugging Face')
+        raise PrepareError('--input is only for the Shakespeare datasets: '
+                           'openwebtext comes from Hugging Face')
     num_proc = num_proc or os.cpu_count()
     from datasets import load_dataset
-    try:  # the hub's canonical copy; datasets >= 4 runs no loading scripts, so the old bare name 'openwebtext' fails
-        dset = load_dataset(OWT_NAME, num_proc=num_proc)['train']  # the dataset has only a train split
+    # the hub's canonical copy; datasets >= 4 runs no loading scripts,
+    # so the old bare name 'openwebtext' fails
+    try:
+        # the dataset has only a train split
+        dset = load_dataset(OWT_NAME, num_proc=num_proc)['train']
     except Exception as e:  # offline or hub errors come in many types
         msg = str(e).splitlines()[0] if str(e) else ''
-        raise PrepareError(f"could not load the Hugging Face dataset {OWT_NAME!r} ({type(e).__name__}: {msg}): "
-                           f'it needs internet access, or a copy in the Hugging Face cache') from None
+        raise PrepareError(f"could not load the Hugging Face dataset {OWT_NAME!r} "
+                           f"({type(e).__name__}: {msg}): it needs internet access, "
+                           f"or a copy in the Hugging Face cache") from None
     write_bpe_splits(split_docs(dset, max_docs), out_dir, num_proc=num_proc)
 
 
@@ -522,7 +556,8 @@ def prepare(name, input_path=None, out_dir=None, **kw):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Tokenise a dataset into train.bin, val.bin and meta.pkl.')
+    parser = argparse.ArgumentParser(
+        description='Tokenise a dataset into train.bin, val.bin and meta.pkl.')
     parser.add_argument('name', help=f'{", ".join(DATASETS)}, mqar (its setting from --seq_len, '
                         f'--pairs, --vocab) or a setting\'s name, e.g. mqar_T64_N8_V256')
     parser.add_argument('--input', help='text file to use (Shakespeare sets; default: '
@@ -530,7 +565,8 @@ def main(argv=None):
     parser.add_argument('--out_dir', help='output folder (default: data/<name>/ in the repo; mqar: '
                         'data/mqar_T<seq_len>_N<pairs>_V<vocab>/)')
     parser.add_argument('--max_docs', type=int, help='openwebtext: use only the first N documents')
-    parser.add_argument('--num_proc', type=int, help='openwebtext: worker processes (default: all CPUs)')
+    parser.add_argument('--num_proc', type=int,
+                        help='openwebtext: worker processes (default: all CPUs)')
     parser.add_argument('--seq_len', type=int, default=MQAR_SEQ_LEN,
                         help='mqar: tokens per sequence')
     parser.add_argument('--pairs', type=int, default=MQAR_PAIRS,

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny character dataset, a first training run on it, and running train.py / sample.py the way a
-user does (or inside this process, for the runs that stop early).
+"""Shared fixtures: a tiny character dataset, a first training run on it, and running
+train.py / sample.py the way a user does (or inside this process, for the runs that stop early).
 
 Two resources come from outside the repo, and the tests that need them are skipped, with a line
 that says what is missing, where they cannot be had:
@@ -24,16 +24,19 @@ import prepare_data
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = 'First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n' * 120
+TEXT = ('First Citizen:\nBefore we proceed any further, hear me speak.\n\n'
+        'All:\nSpeak, speak.\n') * 120
 
 # a model and a run small enough for a few iterations in about a second on one CPU core
-TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
-        '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2', '--log_interval=1',
-        '--warmup_iters=2', '--lr_decay_iters=8', '--learning_rate=1e-3', '--min_lr=1e-4']
+TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32',
+        '--block_size=32', '--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2',
+        '--log_interval=1', '--warmup_iters=2', '--lr_decay_iters=8', '--learning_rate=1e-3',
+        '--min_lr=1e-4']
 
 
 def write_char_dataset(folder, text):
-    """What prepare_data.py writes for a character dataset: uint16 ids in train.bin/val.bin (90/10), meta.pkl."""
+    """What prepare_data.py writes for a character dataset:
+    uint16 ids in train.bin/val.bin (90/10), meta.pkl."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
@@ -42,7 +45,8 @@ def write_char_dataset(folder, text):
     ids[:n].tofile(folder / 'train.bin')
     ids[n:].tofile(folder / 'val.bin')
     with open(folder / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': {i: ch for ch, i in stoi.items()}}, f)
+        itos = {i: ch for ch, i in stoi.items()}
+        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': itos}, f)
     return folder
 
 
@@ -56,8 +60,9 @@ N = 4  # iterations of first_run; test_train.py's resume tests continue it to 2N
 
 @pytest.fixture(scope='session')
 def first_run(char_data, tmp_path_factory):
-    """N iterations with dropout (so the random numbers matter), a checkpoint at N; -> (folder, stdout).
-    Shared by test_train.py (which copies the folder before changing anything) and test_sample.py."""
+    """N iterations with dropout (so the random numbers matter), a checkpoint at N; ->
+    (folder, stdout). Shared by test_train.py (which copies the folder before changing
+    anything) and test_sample.py."""
     tmp = tmp_path_factory.mktemp('train')
     r = run('train.py', *TINY, '--out_dir=run_n', f'--dataset={char_data}', f'--max_iters={N}',
             f'--eval_interval={N}', '--dropout=0.1', cwd=tmp)
@@ -65,7 +70,8 @@ def first_run(char_data, tmp_path_factory):
 
 
 def run(script, *args, cwd, expect_ok=True):
-    """Run a repo script in its own process (one thread: fast for tiny models, and the same arithmetic every run)."""
+    """Run a repo script in its own process (one thread:
+    fast for tiny models, and the same arithmetic every run)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', WANDB_MODE='offline')
     r = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -75,9 +81,9 @@ def run(script, *args, cwd, expect_ok=True):
 
 
 def run_here(script, *args):
-    """Run a repo script inside this process until it exits: -> (exit status, stdout, stderr). No new Python and
-    torch imports, so it is fast; for runs that do not train (bad input, sampling), since it shares this process's
-    state (its torch seed, for one)."""
+    """Run a repo script inside this process until it exits: -> (exit status, stdout,
+    stderr). No new Python and torch imports, so it is fast; for runs that do not train (bad
+    input, sampling), since it shares this process's state (its torch seed, for one)."""
     out, err, argv = io.StringIO(), io.StringIO(), sys.argv
     sys.argv = [str(REPO / script), *map(str, args)]
     try:
@@ -92,7 +98,8 @@ def run_here(script, *args):
 
 
 def one_line_error(r, status):
-    """The process failed with `status` and exactly one line on stderr, no traceback; return that line."""
+    """The process failed with `status` and exactly one
+    line on stderr, no traceback; return that line."""
     assert r.returncode == status, r.stdout + r.stderr
     assert 'Traceback' not in r.stderr
     lines = r.stderr.strip().splitlines()

@@ -53,7 +53,8 @@ def test_char_vocab_round_trips(tmp_path, text_file):
     assert len(train) == int(0.9 * len(TEXT)) and len(train) + len(val) == len(TEXT)
     assert ''.join(meta['itos'][i] for i in np.concatenate([train, val])) == TEXT
     assert is_prepared(out_dir)
-    assert sorted(p.name for p in out_dir.iterdir()) == ['meta.pkl', 'train.bin', 'val.bin']  # no temp files
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert names == ['meta.pkl', 'train.bin', 'val.bin']  # no temp files
 
 
 def test_bpe_decodes_back_to_input(tmp_path, text_file, gpt2_bpe):
@@ -315,7 +316,8 @@ def test_failed_reprepare_is_not_prepared(tmp_path, text_file, monkeypatch):
 def test_openwebtext_writer_on_tiny_dataset(tmp_path, gpt2_bpe):
     import tiktoken
     from datasets import Dataset, DatasetDict
-    docs = ['Hello world.', 'A second document,\nwith two lines.', '', 'Fourth one <|endoftext|> as text.']
+    docs = ['Hello world.', 'A second document,\nwith two lines.', '',
+            'Fourth one <|endoftext|> as text.']
     dsets = DatasetDict({'train': Dataset.from_dict({'text': docs[:3]}),
                          'val': Dataset.from_dict({'text': docs[3:]})})
     prepare_data.write_bpe_splits(dsets, tmp_path)
@@ -323,7 +325,8 @@ def test_openwebtext_writer_on_tiny_dataset(tmp_path, gpt2_bpe):
     assert meta == {'vocab_size': 50257, 'tokenizer': 'r50k_base'}
     enc = tiktoken.get_encoding('r50k_base')
     for split, want in ((train, docs[:3]), (val, docs[3:])):
-        assert split[-1] == enc.eot_token and (split == enc.eot_token).sum() == len(want)  # one eot per document
+        # one eot per document
+        assert split[-1] == enc.eot_token and (split == enc.eot_token).sum() == len(want)
         assert enc.decode(split.tolist()) == ''.join(d + '<|endoftext|>' for d in want)
 
 
@@ -333,7 +336,8 @@ def test_openwebtext_split_and_max_docs():
     split = prepare_data.split_docs(dset, max_docs=20)
     assert set(split) == {'train', 'val'}
     assert len(split['train']) + len(split['val']) == 20 and len(split['val']) >= 1
-    assert set(split['train']['text']) | set(split['val']['text']) == {f'doc {i}' for i in range(20)}
+    texts = set(split['train']['text']) | set(split['val']['text'])
+    assert texts == {f'doc {i}' for i in range(20)}
     with pytest.raises(PrepareError, match='--max_docs'):
         prepare_data.split_docs(dset, max_docs=1)
 
@@ -372,7 +376,8 @@ def test_openwebtext_offline_is_a_clear_error(tmp_path, monkeypatch):
     def load_dataset(*args, **kw):
         raise ConnectionError("Couldn't reach 'openwebtext' on the Hub (LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
-    with pytest.raises(PrepareError, match="could not load the Hugging Face dataset 'Skylion007/openwebtext'"):
+    with pytest.raises(PrepareError,
+                       match="could not load the Hugging Face dataset 'Skylion007/openwebtext'"):
         prepare('openwebtext', out_dir=tmp_path / 'out', num_proc=1)
     assert not (tmp_path / 'out').exists()
 
@@ -395,14 +400,16 @@ def test_tiny_shakespeare_in_gpt2_bpe_has_nanogpts_token_counts(tmp_path, shakes
 
 
 def test_script_error_is_one_line_without_traceback(tmp_path):
-    r = run_script('shakespeare_char', '--input', tmp_path / 'missing.txt', '--out_dir', tmp_path / 'out')
+    r = run_script('shakespeare_char', '--input', tmp_path / 'missing.txt',
+                   '--out_dir', tmp_path / 'out')
     assert r.returncode != 0
     assert r.stderr.strip().count('\n') == 0 and 'Traceback' not in r.stderr
     assert 'missing.txt is not a file' in r.stderr
 
 
 # a passkey sample as mix_passkey writes it: its own lines, the key closing the question
-SAMPLE = re.compile(r'\n( [^\n]*)?\nThe pass key is (\d{5})\. Remember it\. (\d{5}) is the pass key\.\n([^\n]*)'
+SAMPLE = re.compile(r'\n( [^\n]*)?\nThe pass key is (\d{5})\. Remember it\. (\d{5}) '
+                    r'is the pass key\.\n([^\n]*)'
                     r'\nWhat is the pass key\? The pass key is (\d{5})\.\n')
 
 
@@ -412,17 +419,21 @@ def test_passkey_mix_round_trips(tmp_path):
     train, val, meta = load(prepare('shakespeare_char_passkey', input_path=tmp_path / 'in.txt',
                                     out_dir=tmp_path / 'out', passkey_len=160))
     assert set(meta['stoi']) >= set(text) | set('0123456789')
-    assert meta['vocab_size'] == len(meta['stoi']) and all(meta['itos'][i] == ch for ch, i in meta['stoi'].items())
+    assert meta['vocab_size'] == len(meta['stoi'])
+    assert all(meta['itos'][i] == ch for ch, i in meta['stoi'].items())
     cut = int(0.9 * len(text))
     for ids, part, eval_keys in ((train, text[:cut], False), (val, text[cut:], True)):
         stream = ''.join(meta['itos'][i] for i in ids)
         samples = list(SAMPLE.finditer(stream))
-        assert samples and SAMPLE.sub('', stream) == part  # the text, untouched, once the samples are cut out
+        # the text, untouched, once the samples are cut out
+        assert samples and SAMPLE.sub('', stream) == part
         for m in samples:
             assert m[2] == m[3] == m[5]  # the needle's key is the answer
-            assert prepare_data.is_eval_key(int(m[2])) == eval_keys  # training keys never in val and vice versa
+            # training keys never in val and vice versa
+            assert prepare_data.is_eval_key(int(m[2])) == eval_keys
             length = len(m[0]) - len('\n') - len('.\n')  # prompt + key
-            assert prepare_data.passkey_min_len(list) <= length <= 160  # list: one token per character
+            # list: one token per character
+            assert prepare_data.passkey_min_len(list) <= length <= 160
         in_samples = sum(len(m[0]) for m in samples) / len(stream)
         assert abs(in_samples - prepare_data.PASSKEY_FRACTION) < 0.1
 

@@ -31,7 +31,8 @@ def test_the_same_command_twice_resumes(char_data, tmp_path):
     first = load(tmp_path / 'out' / 'ckpt.pt')
     # max_iters may change on resume: the same run, trained for longer
     r = train(tmp_path, f'--dataset={char_data}', '--out_dir=out', '--max_iters=6')
-    assert "auto_resume: out/ckpt.pt (iteration 4) is this run's checkpoint: resuming it" in r.stdout
+    assert ("auto_resume: out/ckpt.pt (iteration 4) is this run's checkpoint: resuming it"
+            in r.stdout)
     assert 'iter 4:' in r.stdout and 'iter 3:' not in r.stdout
     # and it is the same run as one that went to 6 without stopping
     train(tmp_path, f'--dataset={char_data}', '--out_dir=straight', '--max_iters=6')
