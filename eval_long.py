@@ -1,22 +1,29 @@
 """
-Does a model use a long context? Two measurements for any checkpoint written by train.py (REFERENCE 5 and 6):
+Does a model use a long context? Three measurements for any checkpoint written by train.py
+(docs/attention.md sections 5, 6 and 10):
 
-  loss     validation loss by position bucket at a chosen context length: does the loss keep falling as the
-           model sees more of the text, and where does it stop improving?
-  passkey  a 5-digit key hidden in filler text (prepare_data.passkey_sample), by total length and needle depth:
-           exact match of the greedy decode of the key, and per-digit accuracy under teacher forcing
+  loss     validation loss by position bucket at a chosen context length: does the loss keep
+           falling as the model sees more of the text, and where does it stop improving?
+  passkey  a 5-digit key hidden in filler text (prepare_data.passkey_sample), by total length and
+           needle depth: exact match of the greedy decode of the key, and per-digit accuracy under
+           teacher forcing
+  mqar     multi-query associative recall (prepare_data.mqar_sample) on the validation sequences
+           of an MQAR dataset: the share of queries whose value is the argmax, and the loss there
 
     python eval_long.py --ckpt=out-inattn-long --context=256 --plot=loss_by_position.png
-    python eval_long.py --ckpt=out-inattn-shakespeare-char,out-inattn-long --context=256 --extend=interpolate
+    python eval_long.py --ckpt=out-inattn-shakespeare-char,out-inattn-long --context=256 \
+        --extend=interpolate
     python eval_long.py --ckpt=out-inattn-passkey --mode=passkey --lengths=[256,512,1024]
+    python eval_long.py --ckpt=out-mqar,out-inattn-mqar --mode=mqar
 
-Several checkpoints (comma-separated) are compared side by side on the same windows and the same keys.
-The loss windows start every --stride tokens (default: the bucket width) over val.bin, so every bucket scores the
-same text and a difference between buckets is the effect of the context alone.
-A model with learned positions cannot read past its block_size: --extend=interpolate|copy grows its position
-table in memory first (no training); without it, longer passkey lengths are reported as n/a and a longer loss
-context is an error. Models without positions (pos_emb='none': Lightning, Infini-attention) run at any length.
-The passkey keys are the evaluation keys (prepare_data.is_eval_key), never seen in training.
+Several checkpoints (comma-separated) are compared side by side on the same windows and the
+same keys. The loss windows start every --stride tokens (default: the bucket width) over
+val.bin, so every bucket scores the same text and a difference between buckets is the effect
+of the context alone. A model with learned positions cannot read past its block_size:
+--extend=interpolate|copy grows its position table in memory first (no training); without
+it, longer passkey lengths are reported as n/a and a longer loss context is an error. Models
+without positions (pos_emb='none': Lightning, Infini-attention) run at any length. The
+passkey keys are the evaluation keys (prepare_data.is_eval_key), never seen in training.
 """
 import copy
 import os
@@ -28,26 +35,33 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import prepare_data
+from checkpoint import build_model, data_folder, dataset_meta, load_checkpoint
 from configurator import configure_or_exit, die
-from sample import load_checkpoint, model_from_checkpoint
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
 
 defaults = dict(
-    ckpt='out-inattn-long',  # a checkpoint folder (holding ckpt.pt) or file; several, comma-separated
-    mode='loss',             # 'loss' | 'passkey' | 'both'
-    dataset='',              # loss: validation data; '' = the dataset each checkpoint was trained on
+    ckpt='out-inattn-long',  # a checkpoint folder (holding ckpt.pt) or file;
+                             # several, comma-separated
+    mode='loss',             # 'loss' | 'passkey' | 'both' (loss and passkey) | 'mqar'
+    dataset='',              # loss, mqar: validation data; '' = each checkpoint's own dataset
     context=0,               # loss: window length in tokens; 0 = the first checkpoint's block_size
     bucket=0,                # loss: positions per bucket; 0 = context // 8
-    stride=0,                # loss: tokens between window starts; 0 = the bucket width (see loss_by_position)
-    windows=0,               # loss: at most this many windows from the start of val.bin; 0 = all that fit
+    stride=0,                # loss: tokens between window starts;
+                             # 0 = the bucket width (see loss_by_position)
+    windows=0,               # loss: at most this many windows from
+                             # the start of val.bin; 0 = all that fit
     plot='',                 # loss: write the loss-by-position curves to this PNG
-    mark=0,                  # loss: draw a vertical line at this position in the plot (e.g. the original block)
-    extend='',               # '' | 'interpolate' | 'copy': grow learned positions in memory to reach a length
-    lengths=[],              # passkey: total lengths (prompt + key); [] = 1x, 2x, 4x the first block_size
-    depths=[0.0, 0.5, 1.0],  # passkey: needle depth, 0 = start of the text, 1 = right before the question
+    mark=0,                  # loss: draw a vertical line at this position
+                             # in the plot (e.g. the original block)
+    extend='',               # '' | 'interpolate' | 'copy':
+                             # grow learned positions in memory to reach a length
+    lengths=[],              # passkey: total lengths (prompt + key);
+                             # [] = 1x, 2x, 4x the first block_size
+    depths=[0.0, 0.5, 1.0],  # passkey: needle depth, 0 = start of the text,
+                             # 1 = right before the question
     samples=50,              # passkey: keys per (length, depth) cell
+    sequences=0,             # mqar: score the first N validation sequences; 0 = all
     batch_size=16,
     seed=1337,               # passkey: the keys and the filler cut of every cell
     device='cpu',
@@ -55,17 +69,18 @@ defaults = dict(
 
 
 def load(path, device):
-    """A GPT (eval mode) and its checkpoint dict from a train.py checkpoint file or a folder holding ckpt.pt."""
+    """A GPT (eval mode) and its checkpoint dict from a
+    train.py checkpoint file or a folder holding ckpt.pt."""
     file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(file):
         die(f"no checkpoint at {file}: train one with train.py, or pass --ckpt=FOLDER_OR_FILE")
-    ckpt = load_checkpoint(file)  # sample.py's loaders: a truncated or foreign file is a one-line error
-    return model_from_checkpoint(ckpt, file).eval().to(device), ckpt
+    ckpt = load_checkpoint(file)  # a truncated or foreign file is a one-line error
+    return build_model(ckpt, file).eval().to(device), ckpt
 
 
 def at_length(model, length, extend):
-    """The model able to read `length` tokens: itself, a copy whose position table is extended in memory,
-    or None when its learned positions stop short and no extension was asked for."""
+    """The model able to read `length` tokens: itself, a copy whose position table is extended
+    in memory, or None when its learned positions stop short and no extension was asked for."""
     if model.transformer.wpe is None or length <= model.config.block_size:
         return model
     if not extend:
@@ -75,26 +90,37 @@ def at_length(model, length, extend):
     return model
 
 
-def val_data(ckpt, dataset):
-    """The validation tokens (np.memmap) of `dataset`, or of the dataset the checkpoint was trained on."""
+def dataset_dir(ckpt, dataset):
+    """The folder of `dataset`, or of the checkpoint's own dataset; prepared if it is not yet."""
     name = dataset or ckpt['config']['dataset']
-    data_dir = name if '/' in name else os.path.join(REPO, 'data', name)
+    data_dir = data_folder(name)
     if not prepare_data.is_prepared(data_dir):
-        if name not in prepare_data.DATASETS:
-            die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by prepare_data.py")
-        prepare_data.prepare(name)
-    return np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.uint16, mode='r')
+        if not prepare_data.preparable(name):
+            die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by "
+                f"prepare_data.py")
+        try:
+            prepare_data.prepare(name)
+        except prepare_data.PrepareError as e:
+            die(e)
+    return data_dir
+
+
+def val_data(ckpt, dataset):
+    """The validation tokens (np.memmap) of `dataset`, or of the checkpoint's own dataset."""
+    return np.memmap(os.path.join(dataset_dir(ckpt, dataset), 'val.bin'), dtype=np.uint16, mode='r')
 
 
 def encoder(meta):
-    """text -> token ids in the checkpoint's vocabulary; a character vocabulary must hold the passkey's characters."""
+    """text -> token ids in the checkpoint's vocabulary;
+    a character vocabulary must hold the passkey's characters."""
     if 'tokenizer' in meta:
         return prepare_data.get_encoding().encode_ordinary
     stoi = meta['stoi']
     missing = ''.join(sorted(prepare_data.PASSKEY_CHARS - set(stoi)))
     if missing:
-        raise ValueError(f"the model's vocabulary has no {missing!r}: passkey needs a model trained on a vocabulary "
-                         f"with digits, e.g. dataset='shakespeare_char_passkey'")
+        raise ValueError(f"the model's vocabulary has no {missing!r}: passkey needs a model "
+                         f"trained on a vocabulary with digits, e.g. "
+                         f"dataset='shakespeare_char_passkey'")
     return lambda text: [stoi[ch] for ch in text]
 
 
@@ -102,34 +128,41 @@ def encoder(meta):
 # loss by position
 
 def window_starts(n_tokens, context, stride, windows):
-    """Start of every `stride`-th window of `context` tokens from the beginning of the data; the first `windows`
-    of them (0 = all that fit)."""
+    """Start of every `stride`-th window of `context` tokens from the
+    beginning of the data; the first `windows` of them (0 = all that fit)."""
     return torch.arange(0, n_tokens - context, stride)[:windows or None]
 
 
 @torch.no_grad()
 def loss_by_position(model, data, context, stride, windows, batch_size, device='cpu'):
-    """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over windows that start every
-    `stride` tokens from the beginning of `data` (`windows` of them; 0 = all that fit). With the stride dividing the
-    bucket width, every bucket of positions scores the same tokens, each the same number of times (but for the
-    first and last `context` tokens of the span), so a difference between buckets comes from the context alone,
-    not from which text happened to land there."""
+    """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over
+    windows that start every `stride` tokens from the beginning of `data` (`windows` of
+    them; 0 = all that fit). With the stride dividing the bucket width, every bucket of
+    positions scores the same tokens, each the same number of times (but for the first
+    and last `context` tokens of the span), so a difference between buckets comes from
+    the context alone, not from which text happened to land there."""
     if len(data) <= context:
-        raise ValueError(f"the validation data has {len(data)} tokens, too few for context={context}")
+        raise ValueError(f"the validation data has {len(data)} tokens, "
+                         f"too few for context={context}")
     ix = window_starts(len(data), context, stride, windows)
     total = torch.zeros(context)
-    for i in tqdm(range(0, len(ix), batch_size), desc=f'loss at context {context}', leave=False):
-        x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in ix[i:i + batch_size]])
-        y = torch.stack([torch.from_numpy(data[j + 1:j + 1 + context].astype(np.int64)) for j in ix[i:i + batch_size]])
+    for i in tqdm(range(0, len(ix), batch_size), desc=f'loss at context {context}', leave=False,
+                  disable=None):
+        starts = ix[i:i + batch_size]
+        x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in starts])
+        y = torch.stack([torch.from_numpy(data[j + 1:j + 1 + context].astype(np.int64))
+                         for j in starts])
         logits, _ = model(x.to(device), y.to(device))  # (B, T, V)
-        total += F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction='none').sum(0).cpu()  # (T,)
+        loss = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction='none')  # (B, T)
+        total += loss.sum(0).cpu()  # (T,)
     return total / len(ix)
 
 
 def buckets(per_position, width):
     """[(first, last + 1, mean loss)] over consecutive positions, `width` at a time."""
     T = len(per_position)
-    return [(lo, min(lo + width, T), per_position[lo:lo + width].mean().item()) for lo in range(0, T, width)]
+    return [(lo, min(lo + width, T), per_position[lo:lo + width].mean().item())
+            for lo in range(0, T, width)]
 
 
 def plot_losses(curves, width, mark, path):
@@ -140,8 +173,8 @@ def plot_losses(curves, width, mark, path):
     for name, per_position in curves.items():
         line, = ax.plot(per_position.numpy(), alpha=0.25, linewidth=0.8)
         rows = buckets(per_position, width)
-        ax.step([lo for lo, _, _ in rows] + [rows[-1][1]], [m for _, _, m in rows] + [rows[-1][2]], where='post',
-                color=line.get_color(), label=name)
+        ax.step([lo for lo, _, _ in rows] + [rows[-1][1]], [m for _, _, m in rows] + [rows[-1][2]],
+                where='post', color=line.get_color(), label=name)
     if mark:
         ax.axvline(mark, color='gray', linestyle='--', linewidth=1)
     ax.set_xlabel('position in the window (tokens of context before the prediction)')
@@ -160,16 +193,19 @@ def plot_losses(curves, width, mark, path):
 
 @torch.no_grad()
 def passkey(model, encode, length, depth, samples, batch_size, seed, device='cpu'):
-    """(exact match, per-digit accuracy) over `samples` evaluation keys at one total length and needle depth.
-    Exact: the greedy decode (the model's own cached decoding) equals the key. Per digit: under teacher forcing,
-    the argmax at each key position given the true digits before it."""
-    rng = np.random.default_rng([seed, length, round(1000 * depth)])  # the same keys for every model
+    """(exact match, per-digit accuracy) over `samples` evaluation keys at one total
+    length and needle depth. Exact: the greedy decode (the model's own cached decoding)
+    equals the key. Per digit: under teacher forcing, the argmax at each key position
+    given the true digits before it."""
+    # the same keys for every model
+    rng = np.random.default_rng([seed, length, round(1000 * depth)])
     keys = rng.choice(prepare_data.passkey_keys('eval'), samples, replace=False)
     cases = [prepare_data.passkey_sample(encode, int(k), length, depth) for k in keys]
     exact = per_digit = 0.0
     for i in range(0, samples, batch_size):
-        prompt = torch.tensor([p for p, _ in cases[i:i + batch_size]], device=device)  # (B, length - A)
-        answer = torch.tensor([a for _, a in cases[i:i + batch_size]], device=device)  # (B, A)
+        batch = cases[i:i + batch_size]
+        prompt = torch.tensor([p for p, _ in batch], device=device)  # (B, length - A)
+        answer = torch.tensor([a for _, a in batch], device=device)  # (B, A)
         A = answer.size(1)
         decoded = model.generate(prompt, A, temperature=0)[:, -A:]
         exact += (decoded == answer).all(dim=1).sum().item()
@@ -180,14 +216,53 @@ def passkey(model, encode, length, depth, samples, batch_size, seed, device='cpu
 
 
 # -----------------------------------------------------------------------------
+# MQAR: recall of many keys (docs/attention.md section 10)
+
+def mqar_val(name, ckpt, dataset):
+    """-> (folder, meta, tokens, targets): the validation sequences of an MQAR dataset, (samples,
+    T) each, for the checkpoint `name`; anything else stops with one line."""
+    data_dir = dataset_dir(ckpt, dataset)
+    meta = dataset_meta(data_dir)
+    if 'mqar' not in meta:
+        die(f"{name}: {data_dir} is no MQAR dataset (its meta.pkl has no 'mqar'): pass "
+            f"--dataset=mqar_T64_N8_V256 or another folder of prepare_data.py mqar", status=2)
+    if meta['vocab_size'] != ckpt['meta']['vocab_size']:
+        die(f"{name}: {data_dir} has {meta['vocab_size']} ids, the model was trained on "
+            f"{ckpt['meta']['vocab_size']}: pass --dataset=FOLDER of the same vocab", status=2)
+    try:
+        tokens, targets = prepare_data.read_mqar(data_dir, 'val', meta['mqar']['seq_len'])
+    except prepare_data.PrepareError as e:
+        die(e)
+    return data_dir, meta, tokens, targets
+
+
+@torch.no_grad()
+def mqar_recall(model, tokens, targets, batch_size, device='cpu'):
+    """(accuracy, loss) over the recall positions of MQAR sequences, those whose target is not -1:
+    the share of queries where the argmax of the logits is the value, and the mean cross-entropy
+    there. No other position counts: recalling every value scores 1.0, whatever comes elsewhere."""
+    right = queries = 0
+    loss = 0.0
+    for i in tqdm(range(0, len(tokens), batch_size), desc='mqar', leave=False, disable=None):
+        x = torch.from_numpy(tokens[i:i + batch_size].astype(np.int64)).to(device)
+        y = torch.from_numpy(targets[i:i + batch_size].astype(np.int64)).to(device)
+        logits, _ = model(x, y)  # (B, T, V) at every position
+        at = y != -1  # the recall positions
+        right += (logits[at].argmax(-1) == y[at]).sum().item()
+        loss += F.cross_entropy(logits[at], y[at], reduction='sum').item()
+        queries += at.sum().item()
+    return right / queries, loss / queries
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv):
     cfg = configure_or_exit(defaults, argv)
-    if cfg['mode'] not in ('loss', 'passkey', 'both'):
-        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both", status=2)
+    if cfg['mode'] not in ('loss', 'passkey', 'both', 'mqar'):
+        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both, mqar", status=2)
     if cfg['extend'] not in ('', 'interpolate', 'copy'):
         die(f"extend={cfg['extend']!r} is not one of '', interpolate, copy", status=2)
-    for key in ('context', 'bucket', 'stride', 'windows'):
+    for key in ('context', 'bucket', 'stride', 'windows', 'sequences'):
         if cfg[key] < 0:
             die(f"{key}={cfg[key]} must not be negative (0 chooses the default)", status=2)
     torch.manual_seed(cfg['seed'])
@@ -209,13 +284,15 @@ def main(argv):
         for name, (model, ckpt) in models.items():
             m = at_length(model, context, cfg['extend'])
             if m is None:
-                die(f"{name}: context={context} is past its block_size={model.config.block_size} (learned positions):"
-                    f" pass --extend=interpolate or --extend=copy to grow its position table in memory", status=2)
+                die(f"{name}: context={context} is past its block_size={model.config.block_size} "
+                    f"(learned positions): pass --extend=interpolate or --extend=copy to grow its "
+                    f"position table in memory", status=2)
             data = val_data(ckpt, cfg['dataset'])
-            curves[name] = loss_by_position(m, data, context, stride, cfg['windows'], cfg['batch_size'],
-                                            cfg['device'])
+            curves[name] = loss_by_position(m, data, context, stride, cfg['windows'],
+                                            cfg['batch_size'], cfg['device'])
         n = len(window_starts(len(data), context, stride, cfg['windows']))
-        print(f"\nvalidation loss by position, context {context}, {n} windows starting every {stride} tokens"
+        print(f"\nvalidation loss by position, context {context}, {n} windows starting every "
+              f"{stride} tokens"
               + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else ''))
         print('| positions | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))
         table = {name: buckets(c, width) for name, c in curves.items()}
@@ -235,19 +312,44 @@ def main(argv):
                 encoders[name] = encoder(ckpt['meta'])
             except ValueError as e:
                 die(f"{name}: {e}", status=2)
-        for name, L, d in tqdm(cells, desc='passkey'):
+        for name, L, d in tqdm(cells, desc='passkey', disable=None):
             m = at_length(models[name][0], L, cfg['extend'])
-            results[name, L, d] = None if m is None else passkey(m, encoders[name], L, d, cfg['samples'],
-                                                                 cfg['batch_size'], cfg['seed'], cfg['device'])
-        print(f"\npasskey retrieval: exact match % / per-digit % over {cfg['samples']} evaluation keys per cell"
+            results[name, L, d] = None if m is None else passkey(
+                m, encoders[name], L, d, cfg['samples'], cfg['batch_size'], cfg['seed'],
+                cfg['device'])
+        print(f"\npasskey retrieval: exact match % / per-digit % over {cfg['samples']} evaluation "
+              f"keys per cell"
               + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else
                  "; n/a: past the learned positions (try --extend)"))
         print('| length | depth | ' + ' | '.join(names) + ' |\n|---|---|' + '---|' * len(names))
         for L in lengths:
             for d in cfg['depths']:
                 row = [results[n, L, d] for n in names]
-                print(f'| {L} | {DEPTH_NAMES.get(d, d)} | ' + ' | '.join(
-                    'n/a' if r is None else f'{100 * r[0]:.0f} / {100 * r[1]:.0f}' for r in row) + ' |')
+                shown = ['n/a' if r is None else f'{100 * r[0]:.0f} / {100 * r[1]:.0f}'
+                         for r in row]
+                print(f'| {L} | {DEPTH_NAMES.get(d, d)} | ' + ' | '.join(shown) + ' |')
+
+    if cfg['mode'] == 'mqar':
+        rows = {}  # name -> (dataset, 'sequences (queries)', accuracy, loss)
+        for name, (model, ckpt) in models.items():
+            data_dir, meta, tokens, targets = mqar_val(name, ckpt, cfg['dataset'])
+            T = meta['mqar']['seq_len']
+            m = at_length(model, T, cfg['extend'])
+            if m is None:
+                die(f"{name}: the sequences of {data_dir} have {T} tokens, past its block_size="
+                    f"{model.config.block_size} (learned positions): pass --extend=interpolate or "
+                    f"--extend=copy", status=2)
+            tokens, targets = tokens[:cfg['sequences'] or None], targets[:cfg['sequences'] or None]
+            accuracy, loss = mqar_recall(m, tokens, targets, cfg['batch_size'], cfg['device'])
+            queries = int((targets != -1).sum())
+            rows[name] = (os.path.basename(data_dir), f'{len(tokens)} ({queries})', accuracy, loss)
+        print('\nMQAR recall on the validation sequences: accuracy % (argmax = the value) and loss '
+              'at the recall positions only')
+        print('| | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))
+        print('| dataset | ' + ' | '.join(rows[n][0] for n in names) + ' |')
+        print('| sequences (queries) | ' + ' | '.join(rows[n][1] for n in names) + ' |')
+        print('| accuracy % | ' + ' | '.join(f'{100 * rows[n][2]:.2f}' for n in names) + ' |')
+        print('| loss (nats) | ' + ' | '.join(f'{rows[n][3]:.4f}' for n in names) + ' |')
 
 
 if __name__ == '__main__':

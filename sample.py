@@ -1,17 +1,17 @@
 """
 Sample from a trained model, printing the text as it is generated (nanoGPT's sample.py, streaming).
 
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2 --max_new_tokens=200
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt --stats
 
-The text is decoded with the vocabulary saved in the checkpoint (characters, or GPT-2 BPE via tiktoken). A
-prompt longer than the context of a model with learned positions is cut to its last block_size tokens (a note
-on stderr says so); characters outside a character vocabulary are an error.
---stats adds decode and prefill speed, and the memory of the decoding state: the bytes a cache really holds
-after the final context, beside the model's formula for them. --gates prints an Infini-attention model's gates.
+The text is decoded with the vocabulary saved in the checkpoint (characters, or GPT-2 BPE via
+tiktoken). A prompt longer than the context of a model with learned positions is cut to its last
+block_size tokens (a note on stderr says so); characters outside a character vocabulary are an
+error. --stats adds decode and prefill speed, and the memory of the decoding state: the bytes a
+cache really holds after the final context, beside the model's formula for them. --gates prints an
+Infini-attention model's gates.
 """
 import codecs
-import glob
 import os
 import sys
 import time
@@ -19,94 +19,42 @@ from contextlib import nullcontext
 
 import torch
 
+from checkpoint import load_model
 from configurator import configure_or_exit, die
-from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or folder, or a GPT-2 name ('gpt2-xl', ...)
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a checkpoint file or folder, or 'gpt2*'
 out_dir = 'out'  # the folder train.py wrote ckpt.pt to
-start = ''  # the prompt, or "FILE:path" to read it from a file; empty: "\n" for characters, <|endoftext|> for BPE
+start = ''  # the prompt, or "FILE:path"; empty: "\n" for characters, <|endoftext|> for BPE
 num_samples = 10  # number of samples to draw
 max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = the model's distribution, < 1.0 = more conservative, 0 = greedy (argmax)
 top_k = 200  # sample among the top_k most likely tokens only; 0 = all
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', 'mps'
-dtype = 'auto'  # 'float32' | 'bfloat16' | 'float16'; auto = bfloat16 where the GPU has it, float32 on a CPU
+dtype = 'auto'  # 'float32' | 'bfloat16' | 'float16'; auto: bfloat16 on a GPU that has it, else fp32
 use_cache = True  # decode from the model's cache (False: re-read the whole context for every token)
 prefill_chunk = 0  # feed the prompt into the cache this many tokens at a time; 0 = all at once
 stats = False  # print decode and prefill tokens/s, and the decoding state's memory
-gates = False  # Infini-attention: print the memory's learned share sigmoid(β) of every layer and head, and exit
+gates = False  # Infini-attention: print the memory's share sigmoid(β) per layer and head, and exit
+compile = False  # torch.compile the model's forward (PyTorch 2; slow to start, for long samples)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def train_command(out_dir):
-    """The command that writes out_dir/ckpt.pt: the config file that names out_dir, if there is one."""
-    for path in sorted(glob.glob(os.path.join(REPO, 'config', '*.py'))):
-        with open(path) as f:
-            if f"out_dir = '{out_dir}'" in f.read():
-                return f"python train.py config/{os.path.basename(path)}"
-    return f"python train.py config/train_shakespeare_char.py --out_dir={out_dir}"
-
-
-def load_checkpoint(path):
-    """The dict train.py saved at path; a truncated or foreign file stops with one line (and nothing is written)."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)  # our file: it holds dicts too
-    except Exception as e:  # a truncated zip, random bytes, another pickle: the errors come in many types
-        die(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is truncated or was not written "
-            f"by train.py; use another checkpoint, or train again")
-    missing = [k for k in ('model', 'model_args', 'meta') if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        die(f"{path} is not a checkpoint of train.py: it has no {', '.join(missing)}; use a ckpt.pt that train.py "
-            f"wrote")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint, path, **override):
-    """The GPT a checkpoint holds, with some GPTConfig fields overridden (train.py: dropout and the other knobs
-    that do not change the weights); one that this model.py cannot build or load stops with one line."""
-    try:
-        model = GPT(GPTConfig(**dict(checkpoint['model_args'], **override)))
-        model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # unknown fields, missing or misshapen weights
-        detail = ' '.join(str(e).split())[:200]  # load_state_dict's message spans many lines
-        die(f"{path} holds no GPT that this model.py can load ({type(e).__name__}: {detail}); use a checkpoint "
-            f"written by this version of train.py")
-    return model
-
-
-def load_model(init_from, out_dir):
-    """-> (model, meta): a checkpoint of train.py and its vocabulary, or GPT-2 from Hugging Face with its BPE."""
-    if init_from.startswith('gpt2') and not os.path.exists(init_from):
-        try:
-            model = GPT.from_pretrained(init_from)
-        except OSError as e:
-            die(f"could not load {init_from!r} from Hugging Face ({type(e).__name__}): it needs internet access "
-                f"once, or a copy in the Hugging Face cache")
-        return model, {'vocab_size': 50257, 'tokenizer': 'r50k_base'}
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from
-    if os.path.isdir(ckpt_path):
-        ckpt_path = os.path.join(ckpt_path, 'ckpt.pt')
-    if not os.path.isfile(ckpt_path):
-        die(f"no checkpoint at {ckpt_path}: train one first with `{train_command(os.path.dirname(ckpt_path))}`, "
-            f"or pass --out_dir=FOLDER holding ckpt.pt")
-    checkpoint = load_checkpoint(ckpt_path)
-    return model_from_checkpoint(checkpoint, ckpt_path), checkpoint['meta']
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 
 def tokenizer(meta):
-    """-> (encode: text -> ids, decode_stream: iterable of ids -> text pieces, the prompt used for an empty one)."""
+    """-> (encode: text -> ids, decode_stream: ids -> text pieces, the prompt for an empty one)."""
+    if 'mqar' in meta:
+        die("an MQAR model reads ids, not text: score it with eval_long.py --mode=mqar", status=2)
     if 'stoi' in meta:  # characters
         stoi, itos = meta['stoi'], meta['itos']
 
         def encode(text):
             unknown = sorted(set(text) - set(stoi))
             if unknown:
-                die(f"the prompt has characters that are not in the model's vocabulary of {len(stoi)}: "
-                    f"{', '.join(map(repr, unknown))}; remove or replace them")
+                die(f"the prompt has characters that are not in the model's vocabulary of "
+                    f"{len(stoi)}: {', '.join(map(repr, unknown))}; remove or replace them")
             return [stoi[c] for c in text]
 
         def decode_stream(ids):
@@ -122,11 +70,11 @@ def tokenizer(meta):
         return enc.encode(text, allowed_special={'<|endoftext|>'})
 
     def decode_stream(ids):
-        """A BPE token can end in the middle of a UTF-8 character: its bytes wait in an incremental decoder until the
-        character is complete, so the pieces join to exactly enc.decode(ids)."""
+        """A BPE token can end in the middle of a UTF-8 character: its bytes wait in an incremental
+        decoder until the character is complete, so the pieces join to exactly enc.decode(ids)."""
         utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
         for i in ids:
-            if i < enc.n_vocab:  # ids past the 50257 real tokens only pad the vocabulary: never trained on
+            if i < enc.n_vocab:  # ids past the 50257 real tokens only pad the vocabulary
                 yield utf8.decode(enc.decode_single_token_bytes(i))
         yield utf8.decode(b'', final=True)
 
@@ -134,7 +82,7 @@ def tokenizer(meta):
 
 
 def record(tokens, new_ids, times):
-    """Pass on the ids of generate_tokens' (1, 1) tensors, noting each id in new_ids and when it came in times."""
+    """Pass on the ids of generate_tokens' (1, 1) tensors; note each id and its arrival time."""
     for idx_next in tokens:
         times.append(time.perf_counter())
         new_ids.append(idx_next.item())
@@ -142,22 +90,22 @@ def record(tokens, new_ids, times):
 
 
 def print_stats(model, x, new_ids, t0, times):
-    """Prefill speed from the time to the first token, decode speed from the rest, and the decoding state of the
-    final context: measured from a cache filled with it, beside the model's formula."""
+    """Prefill speed from the time to the first token, decode speed from the rest, and the decoding
+    state of the final context: measured from a cache filled with it, beside the model's formula."""
     n_prompt, n_new = x.size(1), len(new_ids)
     prefill = f"{n_prompt / (times[0] - t0):,.0f}"
     decode = f"{(n_new - 1) / (times[-1] - times[0]):,.0f}" if n_new > 1 else "n/a"
     print(f"stats: prefill {prefill} tokens/s ({n_prompt} prompt tokens, time to first token "
           f"{(times[0] - t0) * 1000:.1f}ms), decode {decode} tokens/s ({n_new} tokens)")
     context = torch.cat([x, torch.tensor([new_ids], dtype=torch.long, device=x.device)], dim=1)
-    if model.transformer.wpe is not None:  # learned positions: the model sees at most block_size tokens
+    if model.transformer.wpe is not None:  # learned positions: it sees at most block_size tokens
         context = context[:, -model.config.block_size:]
     cache = model.new_cache()
     model.prefill(context, cache, prefill_chunk or None)
     T = context.size(1)
     cache_dtype = cache.tensors()[0].dtype if cache.tensors() else torch.float32
-    print(f"stats: decoding state after {T} tokens ({model.config.attention}, {cache_dtype}): measured "
-          f"cache.nbytes() = {cache.nbytes():,} bytes, formula decode_state_bytes({T}) = "
+    print(f"stats: decoding state after {T} tokens ({model.config.attention}, {cache_dtype}): "
+          f"measured cache.nbytes() = {cache.nbytes():,} bytes, formula decode_state_bytes({T}) = "
           f"{model.decode_state_bytes(T, dtype=cache_dtype):,} bytes")
 
 
@@ -175,7 +123,8 @@ if __name__ == '__main__':
         die(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16", status=2)
     if start.startswith('FILE:'):
         if not os.path.isfile(start[5:]):
-            die(f"--start={start}: no file {start[5:]!r}; pass FILE:path of a text file, or the prompt itself")
+            die(f"--start={start}: no file {start[5:]!r}; pass FILE:path of a text file, or the "
+                f"prompt itself")
         with open(start[5:], encoding='utf-8') as f:
             start = f.read()
 
@@ -184,26 +133,33 @@ if __name__ == '__main__':
     torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
     device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
     if dtype == 'auto':
-        dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+        dtype = 'float32'
+        if device_type == 'cuda':
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    ptdtype = getattr(torch, dtype)  # torch.float32, torch.bfloat16 or torch.float16
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
 
     model, meta = load_model(init_from, out_dir)
     model.eval()
-    if gates:  # A = sigmoid(β) A_mem + (1 - sigmoid(β)) A_dot: 0 = local attention only, 1 = memory only
+    if gates:  # A = sigmoid(β) A_mem + (1 - sigmoid(β)) A_dot: 0 = local only, 1 = memory only
         betas = [block.attn.beta for block in model.transformer.h if hasattr(block.attn, 'beta')]
         if not betas:
-            die(f"--gates: a {model.config.attention!r} model has no memory gates (only attention='infini' does)")
+            die(f"--gates: a {model.config.attention!r} model has no memory gates (only "
+                f"attention='infini' has)")
         for i, beta in enumerate(betas):
-            print(f"layer {i}: sigmoid(beta) = " + ' '.join(f"{g:.3f}" for g in torch.sigmoid(beta).tolist()))
+            shares = ' '.join(f"{g:.3f}" for g in torch.sigmoid(beta).tolist())
+            print(f"layer {i}: sigmoid(beta) = {shares}")
         sys.exit(0)
     model.to(device)
+    if compile:  # the forward that generation calls (dynamic: the context grows every token)
+        model.forward = torch.compile(model.forward, dynamic=True)
     encode, decode_stream, empty_prompt = tokenizer(meta)
     ids = encode(start or empty_prompt)
-    if model.transformer.wpe is not None and len(ids) > model.config.block_size:  # learned positions: a bounded view
-        print(f"note: the prompt has {len(ids)} tokens, more than the model's context of {model.config.block_size}: "
-              f"it is generated from the last {model.config.block_size}", file=sys.stderr)
-        ids = ids[-model.config.block_size:]
+    limit = model.config.block_size
+    if model.transformer.wpe is not None and len(ids) > limit:  # learned positions: a bounded view
+        print(f"note: the prompt has {len(ids)} tokens, more than the model's context of {limit}: "
+              f"it is generated from the last {limit}", file=sys.stderr)
+        ids = ids[-limit:]
     x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
 
     with torch.no_grad(), ctx:

@@ -1,5 +1,5 @@
 # Grow the context of the GPT-2 (124M) InAttention model of inattn_gpt2.py 4x, 1024 -> 4096, by position
-# interpolation (REFERENCE section 6), and fine-tune briefly on OpenWebText at a low learning rate.
+# interpolation (docs/attention.md section 6), and fine-tune briefly on OpenWebText at a low learning rate.
 # GPU-sized: 1000 steps of 0.5M tokens, 0.5B tokens (pretraining saw 300B).
 # $ torchrun --standalone --nproc_per_node=8 train.py config/inattn_long_gpt2.py
 # $ python eval_long.py --ckpt=out-inattn-gpt2,out-inattn-long-gpt2 --context=4096 --extend=interpolate --mark=1024 --device=cuda

@@ -1,5 +1,5 @@
 # Vanilla twin of inattn_long.py: grow the context of the short-context causal (GPT-2 attention) Shakespeare
-# model 4x, 64 -> 256, and fine-tune it briefly at a lower learning rate (REFERENCE section 6). It starts from
+# model 4x, 64 -> 256, and fine-tune it briefly at a lower learning rate (docs/attention.md section 6). It starts from
 # the checkpoint of the core command (~2 min on 2 CPUs):
 #   python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
 # then (~5 min on 2 CPU cores):

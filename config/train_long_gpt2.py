@@ -1,5 +1,5 @@
 # Vanilla twin of inattn_long_gpt2.py: grow the context of the GPT-2 (124M) model of train_gpt2.py 4x,
-# 1024 -> 4096, by position interpolation (REFERENCE section 6), and fine-tune briefly on OpenWebText at a low
+# 1024 -> 4096, by position interpolation (docs/attention.md section 6), and fine-tune briefly on OpenWebText at a low
 # learning rate.
 # GPU-sized: 1000 steps of 0.5M tokens, 0.5B tokens (pretraining saw 300B).
 # $ torchrun --standalone --nproc_per_node=8 train.py config/train_long_gpt2.py

@@ -1,6 +1,6 @@
-# Passkey retrieval (REFERENCE section 5): a small character-level GPT (causal attention) trained from scratch on
-# Shakespeare mixed with passkey samples (prepare_data.py shakespeare_char_passkey: 80% of the tokens are in
-# samples of 103..256 characters, filler + needle + question + key, with training keys only), then
+# Passkey retrieval (docs/attention.md section 5): a small character-level GPT (causal attention) trained from
+# scratch on Shakespeare mixed with passkey samples (prepare_data.py shakespeare_char_passkey: 80% of the
+# tokens are in samples of 103..256 characters, filler + needle + question + key, with training keys only), then
 #   python eval_long.py --ckpt=out-passkey --mode=passkey --extend=interpolate   # lengths 256, 512, 1024
 # The vanilla twin of inattn_passkey.py: every setting the same except `attention` (and out_dir).
 

@@ -1,4 +1,5 @@
-"""eval_long.py: passkey samples, key disjointness, loss by position and passkey scoring on tiny checkpoints."""
+"""eval_long.py: passkey samples, key disjointness,
+loss by position and passkey scoring on tiny checkpoints."""
 import ast
 import pickle
 import re
@@ -16,8 +17,10 @@ from conftest import REPO, TINY, one_line_error, run
 from model import GPT, GPTConfig
 from prepare_data import PASSKEY_QUESTION, passkey_keys, passkey_sample, prepare
 
-TEXT = 'First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n' * 40
-CHARS = sorted(set(TEXT + prepare_data.PASSKEY_FILLER + prepare_data.PASSKEY_NEEDLE + PASSKEY_QUESTION + '0123456789'))
+TEXT = ('First Citizen:\nBefore we proceed any further, hear me speak.\n\n'
+        'All:\nSpeak, speak.\n') * 40
+CHARS = sorted(set(TEXT + prepare_data.PASSKEY_FILLER + prepare_data.PASSKEY_NEEDLE
+                   + PASSKEY_QUESTION + '0123456789'))
 STOI = {ch: i for i, ch in enumerate(CHARS)}
 ITOS = {i: ch for ch, i in STOI.items()}
 
@@ -40,12 +43,14 @@ def test_passkey_sample_puts_the_needle_at_its_depth(depth):
     needle = prepare_data.PASSKEY_NEEDLE.format(key=12345)
     assert text.count(needle) == 1 and '12345' not in text.replace(needle, '')
     n_filler = len(text) - len(needle) - len(PASSKEY_QUESTION)
-    assert text.index(needle) == round(depth * n_filler)  # depth 0: first thing; 1: right before the question
+    # depth 0: first thing; 1: right before the question
+    assert text.index(needle) == round(depth * n_filler)
 
 
 def test_passkey_sample_too_short_is_a_clear_error():
     shortest = prepare_data.passkey_min_len(encode)
-    assert len(sum(passkey_sample(encode, 12345, shortest, 0.5), [])) == shortest  # no filler at all
+    # no filler at all
+    assert len(sum(passkey_sample(encode, 12345, shortest, 0.5), [])) == shortest
     with pytest.raises(ValueError, match=f'needs at least {shortest} tokens'):
         passkey_sample(encode, 12345, shortest - 1, 0.5)
 
@@ -65,19 +70,21 @@ def test_eval_keys_are_disjoint_from_training_keys():
 def data_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('passkey')
     (tmp / 'input.txt').write_text(TEXT, encoding='utf-8')
-    return prepare('shakespeare_char_passkey', input_path=tmp / 'input.txt', out_dir=tmp / 'data', passkey_len=128)
+    return prepare('shakespeare_char_passkey', input_path=tmp / 'input.txt', out_dir=tmp / 'data',
+                   passkey_len=128)
 
 
 def save_tiny(path, data_dir, **kw):
     """A random tiny GPT saved as train.py saves it (model, model_args, config, meta)."""
     with open(Path(data_dir) / 'meta.pkl', 'rb') as f:
         meta = pickle.load(f)
-    args = dict(block_size=128, vocab_size=meta['vocab_size'], n_layer=2, n_head=2, n_embd=16, attention='inattention')
+    args = dict(block_size=128, vocab_size=meta['vocab_size'], n_layer=2, n_head=2, n_embd=16,
+                attention='inattention')
     args.update(kw)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**args))
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'dataset': str(data_dir)},
-                'meta': meta}, path)
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
+                'config': {'dataset': str(data_dir)}, 'meta': meta}, path)
     return path
 
 
@@ -86,18 +93,22 @@ def test_loss_by_position_is_the_model_loss_split_by_position(data_dir, tmp_path
     data = eval_long.val_data(ckpt, '')
     per_position = eval_long.loss_by_position(model, data, 96, stride=50, windows=6, batch_size=4)
     assert per_position.shape == (96,)
-    # the same windows (starting at 0, 50, ..., 250) through the model's own loss: the mean is the mean loss
-    x = torch.stack([torch.from_numpy(data[j:j + 96].astype(np.int64)) for j in range(0, 300, 50)])
-    y = torch.stack([torch.from_numpy(data[j + 1:j + 97].astype(np.int64)) for j in range(0, 300, 50)])
+    # the same windows (starting at 0, 50, ..., 250) through the model's own loss: the mean is the
+    # mean loss
+    starts = range(0, 300, 50)
+    x = torch.stack([torch.from_numpy(data[j:j + 96].astype(np.int64)) for j in starts])
+    y = torch.stack([torch.from_numpy(data[j + 1:j + 97].astype(np.int64)) for j in starts])
     assert per_position.mean().item() == pytest.approx(model(x, y)[1].item(), rel=1e-5)
     rows = eval_long.buckets(per_position, 32)
     assert [(lo, hi) for lo, hi, _ in rows] == [(0, 32), (32, 64), (64, 96)]
     assert rows[1][2] == pytest.approx(per_position[32:64].mean().item())
-    assert [hi for _, hi, _ in eval_long.buckets(per_position, 40)] == [40, 80, 96]  # the last bucket is short
+    # the last bucket is short
+    assert [hi for _, hi, _ in eval_long.buckets(per_position, 40)] == [40, 80, 96]
 
 
 class TargetOnly(torch.nn.Module):
-    """A 'model' that ignores its input: its loss at a position depends only on the token to predict there."""
+    """A 'model' that ignores its input:
+    its loss at a position depends only on the token to predict there."""
 
     def __init__(self, vocab_size):
         super().__init__()
@@ -112,10 +123,12 @@ def test_with_the_stride_dividing_the_bucket_every_bucket_scores_the_same_tokens
     model = TargetOnly(int(data.max()) + 1)
     spread = {}  # largest minus smallest bucket mean, buckets of 16 positions
     for stride in (16, 8, 61, 13):
-        means = [m for _, _, m in eval_long.buckets(eval_long.loss_by_position(model, data, 64, stride, 0, 64), 16)]
+        per_position = eval_long.loss_by_position(model, data, 64, stride, 0, 64)
+        means = [m for _, _, m in eval_long.buckets(per_position, 16)]
         spread[stride] = max(means) - min(means)
-    # dividing the bucket: only the ends of the span differ (measured 0.005 of ~10 nats on this 1.6k-token val);
-    # a stride that does not divide it weighs different tokens in different buckets (0.05-0.12 here)
+    # dividing the bucket: only the ends of the span differ (measured 0.005 of ~10 nats
+    # on this 1.6k-token val); a stride that does not divide it weighs different tokens
+    # in different buckets (0.05-0.12 here)
     assert max(spread[16], spread[8]) < 0.01 < 0.03 < min(spread[61], spread[13])
 
 
@@ -124,13 +137,15 @@ def test_at_length_extends_learned_positions_only_when_asked(data_dir, tmp_path)
     assert eval_long.at_length(learned, 128, '') is learned
     assert eval_long.at_length(learned, 256, '') is None
     longer = eval_long.at_length(learned, 256, 'interpolate')
-    assert longer.config.block_size == 256 and learned.config.block_size == 128  # a copy: the original is kept
+    # a copy: the original is kept
+    assert longer.config.block_size == 256 and learned.config.block_size == 128
     free, _ = eval_long.load(save_tiny(tmp_path / 'b.pt', data_dir, pos_emb='none'), 'cpu')
     assert eval_long.at_length(free, 1024, '') is free  # no positions: any length
 
 
 class Oracle(torch.nn.Module):
-    """Reads the key from the needle in its input and predicts it; wrong_digit corrupts one digit of the key."""
+    """Reads the key from the needle in its input and predicts it;
+    wrong_digit corrupts one digit of the key."""
 
     def __init__(self, wrong_digit=None):
         super().__init__()
@@ -139,10 +154,12 @@ class Oracle(torch.nn.Module):
     def key(self, row):
         digits = [STOI[d] for d in re.search(r'pass key is (\d{5})', decode(row)).group(1)]
         if self.wrong_digit is not None:
-            digits[self.wrong_digit] = STOI['0'] if digits[self.wrong_digit] != STOI['0'] else STOI['1']
+            wrong = STOI['0'] if digits[self.wrong_digit] != STOI['0'] else STOI['1']
+            digits[self.wrong_digit] = wrong
         return digits
 
-    def forward(self, x, targets=None):  # logits favour the key at the last 5 positions (teacher forcing)
+    # logits favour the key at the last 5 positions (teacher forcing)
+    def forward(self, x, targets=None):
         logits = torch.zeros(*x.shape, len(CHARS))
         for b, row in enumerate(x):
             logits[b, torch.arange(x.size(1) - 5, x.size(1)), self.key(row)] = 1.0
@@ -153,15 +170,18 @@ class Oracle(torch.nn.Module):
 
 
 def test_passkey_scores_exact_match_and_digits():
-    assert eval_long.passkey(Oracle(), encode, 200, 0.5, samples=5, batch_size=2, seed=0) == (1.0, 1.0)
-    exact, per_digit = eval_long.passkey(Oracle(wrong_digit=4), encode, 200, 0.0, samples=5, batch_size=2, seed=0)
+    scores = eval_long.passkey(Oracle(), encode, 200, 0.5, samples=5, batch_size=2, seed=0)
+    assert scores == (1.0, 1.0)
+    exact, per_digit = eval_long.passkey(Oracle(wrong_digit=4), encode, 200, 0.0, samples=5,
+                                         batch_size=2, seed=0)
     assert exact == 0.0 and per_digit == pytest.approx(0.8)
 
 
 def test_passkey_uses_evaluation_keys_only(monkeypatch):
     seen = []
     real = prepare_data.passkey_sample
-    monkeypatch.setattr(prepare_data, 'passkey_sample', lambda enc, key, *a: seen.append(key) or real(enc, key, *a))
+    monkeypatch.setattr(prepare_data, 'passkey_sample',
+                        lambda enc, key, *a: seen.append(key) or real(enc, key, *a))
     eval_long.passkey(Oracle(), encode, 150, 1.0, samples=7, batch_size=4, seed=1)
     assert len(set(seen)) == 7 and all(prepare_data.is_eval_key(k) for k in seen)
 
@@ -169,8 +189,9 @@ def test_passkey_uses_evaluation_keys_only(monkeypatch):
 def test_eval_long_runs_end_to_end(data_dir, tmp_path, capsys):
     a = save_tiny(tmp_path / 'inattn.pt', data_dir)
     b = save_tiny(tmp_path / 'free.pt', data_dir, attention='causal', pos_emb='none')
-    eval_long.main([f'--ckpt={a},{b}', '--mode=both', '--samples=2', '--windows=4', '--lengths=[128,256]',
-                    '--depths=[0.0,1.0]', f'--plot={tmp_path / "loss.png"}', '--mark=64'])
+    eval_long.main([f'--ckpt={a},{b}', '--mode=both', '--samples=2', '--windows=4',
+                    '--lengths=[128,256]', '--depths=[0.0,1.0]', f'--plot={tmp_path / "loss.png"}',
+                    '--mark=64'])
     out = capsys.readouterr().out
     assert re.search(r'\| 96-111 \| \d\.\d{4} \| \d\.\d{4} \|', out)  # 8 buckets of 16 positions
     assert re.search(r'\| 128 \| start \| \d+ / \d+ \| \d+ / \d+ \|', out)
@@ -184,7 +205,8 @@ def test_context_past_learned_positions_is_a_clear_error(data_dir, tmp_path, cap
         eval_long.main([f'--ckpt={ckpt}', '--context=256', '--windows=2'])
     assert e.value.code == 2
     assert 'context=256 is past its block_size=128' in capsys.readouterr().err
-    eval_long.main([f'--ckpt={ckpt}', '--context=256', '--windows=2', '--extend=copy'])  # extended: it runs
+    # extended: it runs
+    eval_long.main([f'--ckpt={ckpt}', '--context=256', '--windows=2', '--extend=copy'])
 
 
 def test_passkey_on_a_vocabulary_without_digits_is_a_clear_error(tmp_path, capsys):
@@ -199,26 +221,31 @@ def test_passkey_on_a_vocabulary_without_digits_is_a_clear_error(tmp_path, capsy
 # -----------------------------------------------------------------------------
 # the configs of this feature, as train.py reads them
 
-LONG_CONFIGS = ['inattn_long', 'train_long', 'inattn_long_gpt2', 'train_long_gpt2', 'inattn_passkey', 'train_passkey',
-                'lightning_passkey', 'infini_passkey']
+LONG_CONFIGS = ['inattn_long', 'train_long', 'inattn_long_gpt2', 'train_long_gpt2',
+                'inattn_passkey', 'train_passkey', 'lightning_passkey', 'infini_passkey']
 
 
 @pytest.mark.parametrize('name', LONG_CONFIGS)
 def test_configs_set_only_train_keys(name):
     tree = ast.parse((REPO / 'train.py').read_text())
-    keys = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    keys = {t.id for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
     assert set(read_config_file(f'config/{name}.py')) <= keys
 
 
 def test_inattn_long_grows_a_short_checkpoint_and_names_it_when_missing(char_data, tmp_path):
-    run('train.py', *TINY, '--attention=inattention', f'--dataset={char_data}', '--out_dir=short', '--max_iters=2',
-        '--eval_interval=2', cwd=tmp_path)
-    line = one_line_error(run('train.py', 'config/inattn_long.py', cwd=tmp_path, expect_ok=False), 2)
+    run('train.py', *TINY, '--attention=inattention', f'--dataset={char_data}', '--out_dir=short',
+        '--max_iters=2', '--eval_interval=2', cwd=tmp_path)
+    r = run('train.py', 'config/inattn_long.py', cwd=tmp_path, expect_ok=False)
+    line = one_line_error(r, 2)
     assert 'out-inattn-shakespeare-char' in line  # the base checkpoint it needs
-    run('train.py', 'config/inattn_long.py', f'--init_from={tmp_path / "short"}', f'--dataset={char_data}',
-        '--out_dir=long', '--device=cpu', '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--batch_size=2',
-        cwd=tmp_path)
-    short, long = (torch.load(tmp_path / d / 'ckpt.pt', map_location='cpu', weights_only=False) for d in ('short', 'long'))
-    assert long['model_args']['block_size'] == 256 and long['model']['transformer.wpe.weight'].shape[0] == 256
-    assert long['model_args']['n_embd'] == short['model_args']['n_embd'] == 32  # the shape is the checkpoint's
+    run('train.py', 'config/inattn_long.py', f'--init_from={tmp_path / "short"}',
+        f'--dataset={char_data}', '--out_dir=long', '--device=cpu', '--max_iters=2',
+        '--eval_interval=2', '--eval_iters=1', '--batch_size=2', cwd=tmp_path)
+    short, long = (torch.load(tmp_path / d / 'ckpt.pt', map_location='cpu', weights_only=False)
+                   for d in ('short', 'long'))
+    assert long['model_args']['block_size'] == 256
+    assert long['model']['transformer.wpe.weight'].shape[0] == 256
+    # the shape is the checkpoint's
+    assert long['model_args']['n_embd'] == short['model_args']['n_embd'] == 32
     assert long['model_args']['attention'] == 'inattention'

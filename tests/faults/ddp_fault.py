@@ -1,7 +1,9 @@
 """
-train.py with one deliberate fault, for tests/test_ddp.py: on the process of RANK 1, the optimizer step number
-FAULT_STEP (counted from 0 in this process) nudges one weight afterwards, as a rank-dependent bug would.
-Run it exactly like train.py (under torchrun); --check_sync=True must then stop the run at that step.
+train.py with one deliberate fault, for tests/faults/test_ddp.py: on the process of RANK 1,
+the optimizer step number FAULT_STEP (counted from 0 in this process) nudges one weight
+afterwards, as a rank-dependent bug would.
+Run it exactly like train.py (under torchrun); --check_sync=True must then stop the run at that
+step.
 """
 import os
 import runpy
@@ -10,7 +12,7 @@ import sys
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))  # tests/faults/../..
 steps = 0
 
 

@@ -1,0 +1,34 @@
+# MQAR with Infini-attention: softmax inside 16-token segments, a compressive memory across them.
+# A twin of train_mqar.py: every setting the same except the attention (and out_dir). Then
+#   python eval_long.py --ckpt=out-mqar,out-infini-mqar --mode=mqar
+
+out_dir = 'out-infini-mqar'
+eval_interval = 250
+eval_iters = 20
+log_interval = 50
+always_save_checkpoint = True
+
+wandb_log = False
+wandb_project = 'mqar'
+wandb_run_name = 'mqar-infini'
+
+dataset = 'mqar_T64_N8_V256'  # seq_len 64, 8 pairs, vocabulary 256
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 64  # = the sequence length: train.py draws whole sequences
+
+n_layer = 2
+n_head = 2
+n_embd = 64
+dropout = 0.0
+attention = 'infini'
+infini_segment = 16  # the 8 pairs fill the first segment: queries reach them through the memory
+
+learning_rate = 1e-3
+max_iters = 3000
+lr_decay_iters = 3000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100
+
+compile = False  # small and on a CPU: compiling costs more than it saves
