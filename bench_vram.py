@@ -73,6 +73,8 @@ def variants():
             out['inattention-kv'] = dict(out[name], inattn_cache='kv')
             for form in ('gemm', 'stream'):  # the absorbed step's two forms ('inattention': 'auto')
                 out[f'inattention-{form}'] = dict(out[name], inattn_decode=form)
+        if cls.reads_s:  # over one causal block (docs/attention.md section 9): 3d per token
+            out[f'{name}-p1'] = dict(out[name], inattn_prefix=1)
     return out
 
 
@@ -594,7 +596,7 @@ def main(argv=None):
           f"{args.baseline_chunk or 'whole prompt'} for the others. Each cell: its own process, "
           f"timeout {args.timeout:g} s{limit}")
     cells, weights, failures = {}, {}, []
-    bar = tqdm(specs, desc='cells', unit='cell')
+    bar = tqdm(specs, desc='cells', unit='cell', disable=None)  # a bar on a terminal only
     for spec in bar:
         bar.set_postfix_str(f"{spec['variant']} T={spec['T']} {spec['kind']}")
         t0 = time.monotonic()

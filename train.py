@@ -69,6 +69,8 @@ attention = 'causal'
 pos_emb = 'auto'
 sdpa = True
 inattn_cache = 's'
+inattn_decode = 'auto'
+inattn_prefix = 0
 lightning_block = 64
 infini_segment = 64
 infini_update = 'linear'
@@ -268,8 +270,8 @@ if init_from != 'scratch' and not from_gpt2:
     # the checkpoint fixes the architecture (nanoGPT): a key left at its default takes the
     # checkpoint's value; one set to another value is a mistake. Not fixed: regularisation,
     # implementation and evaluation knobs, the vocabulary (checked below), block_size (below).
-    runtime_keys = ('dropout', 'sdpa', 'inattn_cache', 'lightning_block', 'infini_segment',
-                    'infini_memory', 'infini_beta_lr')
+    runtime_keys = ('dropout', 'sdpa', 'inattn_cache', 'inattn_decode', 'lightning_block',
+                    'infini_segment', 'infini_memory', 'infini_beta_lr')
     for k in model_args:
         fixed = k not in ('block_size', *runtime_keys)
         if fixed and config[k] != defaults[k] and config[k] != saved.get(k, defaults[k]):
@@ -387,7 +389,8 @@ if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
 elif from_gpt2:
     log(f"initializing from OpenAI GPT-2 weights: {init_from}")
-    model = load_gpt2(init_from, dict(dropout=dropout, attention=attention))
+    model = load_gpt2(init_from, dict(dropout=dropout, attention=attention,
+                                      inattn_prefix=inattn_prefix))
 else:
     log(f"{'resuming' if init_from == 'resume' else 'initializing'} from {ckpt_path}")
     for k, v in saved.items():

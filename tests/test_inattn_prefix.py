@@ -2,9 +2,11 @@
 before, bit for bit; for every m, causality, cached = uncached, chunked = whole, state formula."""
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import tiny_gpt
+from conftest import TINY, run, tiny_gpt
+from model import CausalSelfAttention, InAttention
 
 REFERENCE = Path(__file__).parent / 'reference' / 'inattention_logits.pt'
 
@@ -17,3 +19,92 @@ def test_inattention_is_bit_identical_to_the_stored_reference():
     logits, _ = model(ref['idx'], ref['idx'])
     assert sum(p.numel() for p in model.parameters()) == ref['n_params']
     assert torch.equal(logits, ref['logits'])
+
+
+PREFIXES = [0, 1, 2]
+
+
+def prefixed(m, **kw):
+    return tiny_gpt(attention='inattention', n_layer=3, inattn_prefix=m, **kw)
+
+
+@pytest.mark.parametrize('m', PREFIXES)
+def test_the_first_m_blocks_are_causal_and_the_rest_read_s(m):
+    model = prefixed(m)
+    kinds = [type(block.attn) for block in model.transformer.h]
+    assert kinds == [CausalSelfAttention] * m + [InAttention] * (3 - m)
+    # the same parameters for every m: the prefix blocks have GPT-2's names and shapes
+    assert model.get_num_params() == prefixed(0).get_num_params()
+
+
+@pytest.mark.parametrize('m', PREFIXES)
+def test_causality(m):
+    """Changing token t changes no logit before t."""
+    model = prefixed(m)
+    idx = torch.randint(0, 37, (1, 20), generator=torch.Generator().manual_seed(1))
+    logits, _ = model(idx, idx)
+    changed = idx.clone()
+    changed[0, 12] = (changed[0, 12] + 1) % 37
+    logits2, _ = model(changed, changed)
+    torch.testing.assert_close(logits2[0, :12], logits[0, :12], atol=0, rtol=0)
+    assert not torch.allclose(logits2[0, 12:], logits[0, 12:])
+
+
+@pytest.mark.parametrize('m', PREFIXES)
+@pytest.mark.parametrize('layout', ['s', 'kv'])
+def test_cached_decoding_equals_uncached_also_past_block_size(m, layout):
+    model = prefixed(m, inattn_cache=layout)  # block_size 32: 10 + 40 tokens slide the window
+    idx = torch.randint(0, 37, (1, 10), generator=torch.Generator().manual_seed(2))
+    cached = model.generate(idx, 40, temperature=0)
+    uncached = model.generate(idx, 40, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize('m', PREFIXES)
+def test_chunked_prefill_equals_the_whole_prompt(m):
+    model = prefixed(m)
+    idx = torch.randint(0, 37, (2, 29), generator=torch.Generator().manual_seed(3))
+    whole = model.prefill(idx, model.new_cache())
+    for chunk in (1, 5, 8):
+        torch.testing.assert_close(model.prefill(idx, model.new_cache(), chunk), whole,
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('m', PREFIXES)
+@pytest.mark.parametrize('layout, per_token', [('s', lambda m, L: 2 * m + 1),
+                                               ('kv', lambda m, L: 2 * L)])
+def test_state_formula_equals_the_measured_cache(m, layout, per_token):
+    """The s cache: (2m + 1)·d numbers per token (K and V of the m causal blocks, and s); the
+    kv layout: 2·L·d, as GPT-2."""
+    model = prefixed(m, inattn_cache=layout)
+    d, L = model.config.n_embd, model.config.n_layer
+    for T in (1, 7, 30):
+        cache = model.new_cache()
+        model.prefill(torch.zeros(1, T, dtype=torch.long), cache)
+        formula = model.decode_state_bytes(T)
+        assert formula == per_token(m, L) * d * T * 4 == cache.nbytes()
+
+
+def test_a_prefix_needs_inattention_and_a_block_after_it():
+    with pytest.raises(ValueError, match=r"inattn_prefix=1 needs an attention that reads"):
+        tiny_gpt(attention='causal', inattn_prefix=1)
+    with pytest.raises(ValueError, match=r"inattn_prefix=2 must be in 0\.\.n_layer-1 = 1"):
+        tiny_gpt(attention='inattention', n_layer=2, inattn_prefix=2)
+
+
+def test_extend_block_size_keeps_the_prefix_working():
+    model = prefixed(1)
+    model.extend_block_size(64)
+    idx = torch.randint(0, 37, (1, 10), generator=torch.Generator().manual_seed(4))
+    cached = model.generate(idx, 50, temperature=0)
+    assert torch.equal(cached, model.generate(idx, 50, temperature=0, use_cache=False))
+
+
+def test_train_py_trains_and_resumes_a_prefixed_model(char_data, tmp_path):
+    args = [*TINY, f'--dataset={char_data}', '--out_dir=out', '--attention=inattention',
+            '--n_layer=2', '--inattn_prefix=1', '--eval_interval=2']
+    run('train.py', *args, '--max_iters=2', cwd=tmp_path)
+    r = run('train.py', *args, '--max_iters=3', cwd=tmp_path)
+    assert 'auto_resume' in r.stdout and 'iter 2:' in r.stdout
+    saved = torch.load(tmp_path / 'out' / 'ckpt.pt', map_location='cpu', weights_only=False)
+    assert saved['model_args']['inattn_prefix'] == 1
