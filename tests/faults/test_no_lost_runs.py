@@ -118,7 +118,8 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(char_data, tmp_pa
             '--dropout=0.1']
     r = torchrun(tmp_path, *args, '--out_dir=ddp', restarts=1,
                  env={'KILL_RANK': '1', 'KILL_STEP': '2'})
-    assert r.returncode == 0, r.stdout + r.stderr
+    logs = '\n'.join(f"== {p}\n{p.read_text()}" for p in sorted((tmp_path / 'logs').rglob('*.log')))
+    assert r.returncode == 0, r.stderr + logs
     assert 'iter 3:' not in rank_log(tmp_path, 0, 0)  # the first attempt died in iteration 3
     restarted = rank_log(tmp_path, 1, 0)
     assert "auto_resume: ddp/ckpt.pt (iteration 2) is this run's checkpoint" in restarted
