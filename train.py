@@ -183,30 +183,25 @@ def log(*args):
         print(*args)
 
 
-def leave_process_group(worker_status):
-    """DDP's exit: destroy the process group; a worker then exits at once. With torch 2.13 and
-    gloo, a worker's interpreter teardown aborted in ~1 run of 5, so it skips it."""
+def leave_process_group(status):
+    """DDP's exit, for every process: destroy the process group, flush, and exit at once. With
+    torch 2.13 and gloo the interpreter's teardown aborted ("terminate called without an active
+    exception") in ~1 run of 5, a worker's and once the master's, so it is skipped."""
     dist.destroy_process_group()
-    if not master_process:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(worker_status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def stop_all(message, status=1):
-    """Stop every process, which all reached the same decision: leave the process group first, then
-    the master process says why in one line (on stdout when the stop is not an error). Under DDP the
-    master also skips the interpreter's teardown (see leave_process_group)."""
-    if ddp:
-        leave_process_group(status)
-    if status == 0:
+    """Stop every process, which all reached the same decision: the master process says why in
+    one line (on stdout when the stop is not an error), then all leave."""
+    if master_process and status == 0:
         print(message)
-    else:
+    elif master_process:
         print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     if ddp:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        leave_process_group(status)
     sys.exit(status)
 
 
@@ -620,6 +615,8 @@ while True:
 
 if scaler.is_enabled():
     log(f"float16: the GradScaler skipped {skipped_steps} of {local_iter_num} optimizer steps")
+if wandb_log and master_process:
+    wandb.finish()
 if ddp:
     dist.barrier()  # every process leaves after the master's last checkpoint
     leave_process_group(0)
