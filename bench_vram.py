@@ -217,7 +217,7 @@ def measure(spec):
                 model(x)
                 sync(); t_recompute = min(t_recompute, time.perf_counter() - t0)
         middle = T + 1 + DECODE_STEPS // 2  # the context in the middle of the timed steps
-        n_bytes, flops = decode_cost(model, middle, dtype, B)
+        n_bytes, flops = decode_cost(model, middle, dtype, B, device)
         bandwidth, gemm = probe_limits(model.config, T, B, dtype, device, sync)
         t_limit = max(n_bytes / bandwidth, flops / gemm)
         uncached = spec['uncached']
@@ -230,14 +230,15 @@ def measure(spec):
                              limit_tok_s=B / t_limit, limit_fraction=t_limit / t_step)
 
 
-def decode_cost(model, T, dtype, B):
+def decode_cost(model, T, dtype, B, device):
     """Formulas for one decode step of B sequences at context T: (bytes read, FLOPs). Weights: every
     parameter read once per step (the position table: one row, not counted), 2 FLOPs per matrix
     weight per sequence. The state, per sequence, with L layers, H heads, d = n_embd, hd = d / H,
     e bytes per number:
       causal, inattention-kv  reads K and V: 2·L·T·d·e
                               FLOPs 4·L·T·d (q·k and p·v: 2·T·hd per head)
-      inattention (absorbed)  reads s once per pass per layer: passes·L·T·d·e (gemm 2, stream 1)
+      inattention (absorbed)  reads s once per pass per layer: passes·L·T·d·e (gemm 2, stream 1;
+                              'auto': InAttention.decode_form)
                               FLOPs 4·L·H·T·d: every head scores and sums all d numbers of s_j
       lightning               reads and rewrites its L·H·hd² fp32 state;  FLOPs ~6·L·H·hd²
       infini                  reads its state: M, z, K/V of the unfinished segment (n = T mod N)
@@ -252,7 +253,8 @@ def decode_cost(model, T, dtype, B):
     flops = 2 * B * sum(p.numel() for p in matrices)  # wte is lm_head: counted once
     attn = ATTENTIONS[cfg.attention]
     if attn is InAttention and cfg.inattn_cache == 's':
-        passes = 1 if InAttention.decode_form(cfg) == 'stream' else 2
+        form = InAttention.decode_form(cfg.inattn_decode, T, device)
+        passes = 1 if form == 'stream' else 2
         n_bytes += B * passes * L * T * d * e
         flops += B * 4 * L * H * T * d
     elif attn in (CausalSelfAttention, InAttention):

@@ -205,11 +205,12 @@ class InAttention(CausalSelfAttention):
     reads_s = True
 
     stream_block = 1024  # tokens of s per block of the one-pass decode: few enough to stay in cache
+    stream_from = 4096  # inattn_decode='auto' on a CPU: one pass from this many tokens of s on
 
     def __init__(self, config, layer_idx):
         super().__init__(config, layer_idx)
         self.cache_layout = config.inattn_cache
-        self.decode = self.decode_form(config)
+        self.decode = config.inattn_decode
 
     def forward(self, x, s, cache=None):
         B, T, C = x.size()
@@ -235,11 +236,12 @@ class InAttention(CausalSelfAttention):
             q·k_j = (Wk_hᵀ q_h)·s_j          Σ_j p_j v_j = Wv_h (Σ_j p_j s_j) + bv_h
         The key bias adds the same q·bk to every score, which the softmax cancels; the value bias
         is added once because Σ_j p_j = 1. H times the attention FLOPs of a K/V cache, on the
-        bytes of one layer's K: the H absorbed queries q̃_h = Wk_hᵀ q_h are the rows of one GEMM."""
+        bytes of one layer's K and V (two passes over s) or K alone (one pass); the H absorbed
+        queries q̃_h = Wk_hᵀ q_h / sqrt(hd) are the rows of one GEMM."""
         B, H, _, hd = q.size()  # (B, H, 1, hd)
         C = s.size(-1)
         q_tilde = torch.einsum('bhd,hdc->bhc', q[:, :, 0], Wk.view(H, hd, C)) / math.sqrt(hd)
-        if self.decode == 'stream':
+        if self.decode_form(self.decode, s.size(1), s.device.type) == 'stream':
             z = self.weighted_s_stream(q_tilde, s, self.stream_block)  # (B, H, C)
         else:
             z = self.weighted_s_gemm(q_tilde, s)
@@ -275,10 +277,15 @@ class InAttention(CausalSelfAttention):
             m = m_new
         return (z / l).to(q.dtype)
 
-    @staticmethod
-    def decode_form(config):
-        """The absorbed step's form: inattn_decode, where 'auto' is 'gemm' (TODO measure)."""
-        return 'gemm' if config.inattn_decode == 'auto' else config.inattn_decode
+    @classmethod
+    def decode_form(cls, inattn_decode, T, device_type):
+        """The absorbed step's form at T tokens of s: inattn_decode, where 'auto' is 'stream' on a
+        CPU from stream_from tokens on, where one pass was measured faster (README); else 'gemm': a
+        shorter s stays in cache between the two passes, and on a GPU the loop over blocks would
+        launch a dozen small kernels per block."""
+        if inattn_decode != 'auto':
+            return inattn_decode
+        return 'stream' if device_type == 'cpu' and T >= cls.stream_from else 'gemm'
 
     @staticmethod
     def caches_s(config):

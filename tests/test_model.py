@@ -191,6 +191,15 @@ def test_stream_decode_equals_two_pass_gemm(dtype, atol):
         torch.testing.assert_close(one_pass.double(), exact, atol=atol, rtol=0)
 
 
+def test_auto_decode_form():
+    # 'auto' streams s in one pass on a CPU from stream_from tokens on; two GEMMs below, and on GPUs
+    form = InAttention.decode_form
+    n = InAttention.stream_from
+    assert [form('auto', n - 1, 'cpu'), form('auto', n, 'cpu'), form('auto', n, 'cuda')] == \
+        ['gemm', 'stream', 'gemm']
+    assert form('gemm', n, 'cpu') == 'gemm' and form('stream', 1, 'cuda') == 'stream'
+
+
 def test_inattention_state_is_one_over_2L_of_kv_cache():
     causal, inattn = tiny('causal', n_layer=12), tiny('inattention', n_layer=12)
     assert causal.decode_state_bytes(1000) == 24 * inattn.decode_state_bytes(1000)
