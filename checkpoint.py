@@ -12,6 +12,7 @@ resumes: its vocabulary is read from its dataset folder, where no meta.pkl means
 import errno
 import glob
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -47,6 +48,35 @@ def train_command(out_dir):
 def data_folder(dataset):
     """A dataset name is a folder under data/ in the repo; a name with a '/' is a folder path."""
     return dataset if '/' in dataset else os.path.join(REPO, 'data', dataset)
+
+
+def prepare_dataset(dataset):
+    """Prepare a dataset name (data/<name>/, or an MQAR setting such as mqar_T64_N8_V256) that is
+    not prepared yet; anything else, or a failed preparation, stops with one line."""
+    data_dir = data_folder(dataset)
+    if not prepare_data.preparable(dataset):
+        die(f"no prepared dataset in {data_dir} (train.bin and val.bin, no {prepare_data.MARKER} "
+            f"marker of an unfinished preparation): use one of "
+            f"{', '.join(prepare_data.DATASETS)}, an MQAR setting (mqar_T64_N8_V256), or a folder "
+            f"written by prepare_data.py", status=2)
+    print(f"dataset {dataset!r} is not prepared yet: preparing it now "
+          f"(python prepare_data.py {dataset})")
+    try:
+        prepare_data.prepare(dataset)
+    except prepare_data.PrepareError as e:
+        die(e)
+
+
+def autocast_context(device_type, dtype):
+    """-> (dtype, ctx): what dtype='auto' means on this device (bfloat16 on a GPU that has it,
+    float16 on one that has not, float32 on a CPU), and the autocast context for it."""
+    if dtype == 'auto':
+        dtype = 'float32'
+        if device_type == 'cuda':
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if dtype == 'float32':
+        return dtype, nullcontext()
+    return dtype, torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
 def dataset_meta(dataset):

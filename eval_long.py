@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import prepare_data
-from checkpoint import build_model, data_folder, dataset_meta, load_checkpoint
+from checkpoint import build_model, data_folder, dataset_meta, load_checkpoint, prepare_dataset
 from configurator import configure_or_exit, die
 
 DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
@@ -95,13 +95,7 @@ def dataset_dir(ckpt, dataset):
     name = dataset or ckpt['config']['dataset']
     data_dir = data_folder(name)
     if not prepare_data.is_prepared(data_dir):
-        if not prepare_data.preparable(name):
-            die(f"no prepared dataset in {data_dir}: pass --dataset=NAME or a folder written by "
-                f"prepare_data.py")
-        try:
-            prepare_data.prepare(name)
-        except prepare_data.PrepareError as e:
-            die(e)
+        prepare_dataset(name)
     return data_dir
 
 

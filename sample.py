@@ -15,11 +15,10 @@ import codecs
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import autocast_context, load_model
 from configurator import configure_or_exit, die
 
 # -----------------------------------------------------------------------------
@@ -132,12 +131,7 @@ if __name__ == '__main__':
     torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
     torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
     device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
-    if dtype == 'auto':
-        dtype = 'float32'
-        if device_type == 'cuda':
-            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    ptdtype = getattr(torch, dtype)  # torch.float32, torch.bfloat16 or torch.float16
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+    dtype, ctx = autocast_context(device_type, dtype)
 
     model, meta = load_model(init_from, out_dir)
     model.eval()

@@ -22,7 +22,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -32,8 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from checkpoint import (GPT2_META, DiskFull, build_model, checkpoint_path, data_folder,
-                        dataset_meta, load_checkpoint, load_gpt2, write_checkpoint)
+from checkpoint import (GPT2_META, DiskFull, autocast_context, build_model, checkpoint_path,
+                        data_folder, dataset_meta, load_checkpoint, load_gpt2,
+                        prepare_dataset, write_checkpoint)
 from configurator import configure_or_exit, die
 from model import GPT, GPTConfig, check_config
 
@@ -209,12 +209,7 @@ torch.manual_seed(seed)  # the same initial weights in every process (DDP also b
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
-if dtype == 'auto':
-    dtype = 'float32'
-    if device_type == 'cuda':
-        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+dtype, ctx = autocast_context(device_type, dtype)
 
 
 def same_run_differences(saved):
@@ -294,18 +289,8 @@ if position_table is not None and block_size > position_table and extend_method 
 # data: a dataset name is prepared on first use (by one process, while the others wait)
 data_dir = data_folder(dataset)
 if not prepare_data.is_prepared(data_dir):
-    if not prepare_data.preparable(dataset):
-        die(f"no prepared dataset in {data_dir} (train.bin and val.bin, no {prepare_data.MARKER} "
-            f"marker of an unfinished preparation): use one of "
-            f"{', '.join(prepare_data.DATASETS)}, an MQAR setting (mqar_T64_N8_V256), or a folder "
-            f"written by prepare_data.py", status=2)
-    if master_process:
-        print(f"dataset {dataset!r} is not prepared yet: preparing it now "
-              f"(python prepare_data.py {dataset})")
-        try:
-            prepare_data.prepare(dataset)
-        except prepare_data.PrepareError as e:
-            die(e)
+    if master_process or not prepare_data.preparable(dataset):  # a bad name stops every process
+        prepare_dataset(dataset)
     if ddp:
         dist.barrier()
 meta = dataset_meta(dataset)  # the vocabulary: saved in every checkpoint for sample.py
