@@ -39,6 +39,7 @@ import time
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
@@ -218,14 +219,14 @@ def measure(spec):
                 sync(); t_recompute = min(t_recompute, time.perf_counter() - t0)
         middle = T + 1 + DECODE_STEPS // 2  # the context in the middle of the timed steps
         n_bytes, flops = decode_cost(model, middle, dtype, B, device)
-        bandwidth, gemm = probe_limits(model.config, T, B, dtype, device, sync)
+        bandwidth, gemm, linear = probe_limits(model.config, T, B, dtype, device, sync)
         t_limit = max(n_bytes / bandwidth, flops / gemm)
         uncached = spec['uncached']
         yield 'decode', dict(decode_tok_s=B / t_step, prefill_tok_s=B * T / t_prefill,
                              recompute_tok_s=B / t_recompute if uncached else None,
                              cache_speedup=t_recompute / t_step if uncached else None,
                              step_bytes=n_bytes, step_flops=flops,
-                             bandwidth=bandwidth, gemm_flops=gemm,
+                             bandwidth=bandwidth, gemm_flops=gemm, linear_bandwidth=linear,
                              bound='memory' if n_bytes / bandwidth >= flops / gemm else 'compute',
                              limit_tok_s=B / t_limit, limit_fraction=t_limit / t_step)
 
@@ -272,18 +273,24 @@ def decode_cost(model, T, dtype, B, device):
 def probe_limits(config, T, B, dtype, device, sync):
     """The machine's limits, measured in this process with its threads: read bandwidth (bytes/s,
     best of 6 sums over a PROBE_BYTES tensor) and GEMM throughput (FLOP/s, best of 6 products
-    (B, H, d) @ (B, d, T): the absorbed decode's scores of one layer, the heads as rows)."""
+    (B, H, d) @ (B, d, T): the absorbed decode's scores of one layer, the heads as rows). Also, not
+    a limit but a diagnosis: the bandwidth at which F.linear reads a weight matrix the size of
+    lm_head for B rows, as every linear layer of a decode step does."""
     big = torch.ones(PROBE_BYTES // dtype.itemsize, dtype=dtype, device=device)
     s = torch.randn(B, T, config.n_embd, dtype=dtype, device=device)
     q = torch.randn(B, config.n_head, config.n_embd, dtype=dtype, device=device)
+    w = torch.randn(config.vocab_size, config.n_embd, dtype=dtype, device=device)
+    x = torch.randn(B, config.n_embd, dtype=dtype, device=device)
     best = {}
-    for name, op in [('sum', lambda: big.sum()), ('gemm', lambda: q @ s.transpose(1, 2))]:
+    for name, op in [('sum', lambda: big.sum()), ('gemm', lambda: q @ s.transpose(1, 2)),
+                     ('linear', lambda: F.linear(x, w))]:
         best[name] = float('inf')
         for _ in range(6):
             sync(); t0 = time.perf_counter()
             op()
             sync(); best[name] = min(best[name], time.perf_counter() - t0)
-    return big.nbytes / best['sum'], 2 * B * config.n_head * config.n_embd * T / best['gemm']
+    return (big.nbytes / best['sum'], 2 * B * config.n_head * config.n_embd * T / best['gemm'],
+            w.nbytes / best['linear'])
 
 
 def is_oom(e):
@@ -374,6 +381,7 @@ COLUMNS = {
                ('GFLOP/step', 'step_flops', lambda x: f"{x / 1e9:.3g}"),
                ('probe GB/s', 'bandwidth', lambda x: f"{x / 1e9:.1f}"),
                ('probe GFLOP/s', 'gemm_flops', lambda x: f"{x / 1e9:.1f}"),
+               ('linear GB/s', 'linear_bandwidth', lambda x: f"{x / 1e9:.1f}"),
                ('uncached tok/s', 'recompute_tok_s', fmt_or_skipped(fmt_rate)),
                ('cache speed-up', 'cache_speedup', fmt_or_skipped(lambda x: f"{x:.1f}x")),
                ('prefill tok/s', 'prefill_tok_s', fmt_rate)],
@@ -387,7 +395,9 @@ TITLES = {
     'decode': f"decode tokens/s with the cache ({DECODE_STEPS} steps after the prompt) | the "
               f"machine's limit for it, the slower of bytes/bandwidth and FLOPs/GEMM throughput | "
               f"the fraction reached | which binds | bytes and FLOPs per step (formulas) | "
-              f"bandwidth and GEMM throughput (probes) | tokens/s without the cache (the whole "
+              f"bandwidth and GEMM throughput (probes) | the bandwidth F.linear reads an "
+              f"lm_head-sized weight at, for the batch (a probe, not a limit) | tokens/s without "
+              f"the cache (the whole "
               f"context recomputed per token; skipped above T = {UNCACHED_MAX_T} unless "
               f"--uncached) | cached/uncached | prefill tokens/s",
     'train': "one forward+backward step: peak memory above the weights (gradients included) | "

@@ -9,12 +9,17 @@ Does a model use a long context? Three measurements for any checkpoint written b
            teacher forcing
   mqar     multi-query associative recall (prepare_data.mqar_sample) on the validation sequences
            of an MQAR dataset: the share of queries whose value is the argmax, and the loss there
+  heads    why a model recalls or not: per block and head, the attention weight on the previous
+           token (a previous-token head, the first half of an induction head) and, on MQAR, on the
+           value a query must fetch; and a linear probe of the initial states s for the previous
+           token (does s carry it, as InAttention over a causal prefix needs?)
 
     python eval_long.py --ckpt=out-inattn-long --context=256 --plot=loss_by_position.png
     python eval_long.py --ckpt=out-inattn-shakespeare-char,out-inattn-long --context=256 \
         --extend=interpolate
     python eval_long.py --ckpt=out-inattn-passkey --mode=passkey --lengths=[256,512,1024]
     python eval_long.py --ckpt=out-mqar,out-inattn-mqar --mode=mqar
+    python eval_long.py --ckpt=out-mqar,out-inattn-mqar --mode=heads
 
 Several checkpoints (comma-separated) are compared side by side on the same windows and the
 same keys. The loss windows start every --stride tokens (default: the bucket width) over
@@ -26,6 +31,7 @@ without positions (pos_emb='none': Lightning, Infini-attention) run at any lengt
 passkey keys are the evaluation keys (prepare_data.is_eval_key), never seen in training.
 """
 import copy
+import math
 import os
 import sys
 
@@ -37,13 +43,15 @@ from tqdm import tqdm
 import prepare_data
 from checkpoint import build_model, data_folder, dataset_meta, load_checkpoint, prepare_dataset
 from configurator import configure_or_exit, die
+from model import CausalSelfAttention, InAttention, causal_mask
 
 DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
 
 defaults = dict(
     ckpt='out-inattn-long',  # a checkpoint folder (holding ckpt.pt) or file;
                              # several, comma-separated
-    mode='loss',             # 'loss' | 'passkey' | 'both' (loss and passkey) | 'mqar'
+    mode='loss',             # 'loss' | 'passkey' | 'both' (loss and passkey) | 'mqar' |
+                             # 'heads' (previous-token heads, recall, probes of s)
     dataset='',              # loss, mqar: validation data; '' = each checkpoint's own dataset
     context=0,               # loss: window length in tokens; 0 = the first checkpoint's block_size
     bucket=0,                # loss: positions per bucket; 0 = context // 8
@@ -62,6 +70,7 @@ defaults = dict(
                              # 1 = right before the question
     samples=50,              # passkey: keys per (length, depth) cell
     sequences=0,             # mqar: score the first N validation sequences; 0 = all
+                             # heads: look at N sequences or windows; 0 = 256
     batch_size=16,
     seed=1337,               # passkey: the keys and the filler cut of every cell
     device='cpu',
@@ -249,11 +258,110 @@ def mqar_recall(model, tokens, targets, batch_size, device='cpu'):
 
 
 # -----------------------------------------------------------------------------
+# Heads: can this model build an induction head? (docs/attention.md section 9)
+
+@torch.no_grad()
+def attention_maps(model, x):
+    """-> (maps, s) for tokens x (B, T): per block, the attention weights (B, H, T, T) of its
+    softmax heads (None for Lightning and Infini-attention), and the initial states s (B, T, C)
+    that InAttention's keys and values are made of (None without them)."""
+    maps, held = [], {}
+
+    def weights(attn, args):  # called with the block's (ln_1(x), s, cache) before attn runs
+        x, s = args[0], args[1]
+        if type(attn) not in (CausalSelfAttention, InAttention):
+            maps.append(None)
+            return
+        C = x.size(-1)
+        Wq, Wk, _ = attn.c_attn.weight.split(C)
+        bq, bk = (None, None) if attn.c_attn.bias is None else attn.c_attn.bias.split(C)[:2]
+        q = attn.split_heads(F.linear(x, Wq, bq))
+        k = attn.split_heads(F.linear(s if attn.reads_s else x, Wk, bk))  # (B, H, T, hd)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+        T = x.size(1)
+        maps.append(F.softmax(att.masked_fill(~causal_mask(T, T, x.device), float('-inf')), -1))
+
+    hooks = [b.attn.register_forward_pre_hook(weights) for b in model.transformer.h]
+    ln_in = model.transformer.ln_in
+    if ln_in is not None:
+        hooks.append(ln_in.register_forward_hook(lambda mod, args, out: held.update(s=out)))
+    model(x)
+    for h in hooks:
+        h.remove()
+    return maps, held.get('s')
+
+
+def probe(features, labels, train):
+    """Accuracy of a linear read-out (ridge regression onto one-hot labels, fitted on the rows
+    where `train` is True) that predicts labels (n,) from features (n, C), on the other rows."""
+    X = torch.cat([features, torch.ones(len(features), 1)], dim=1).double()  # with a bias
+    V = int(labels.max()) + 1
+    XtY = torch.zeros(V, X.size(1), dtype=X.dtype).index_add_(0, labels[train], X[train]).T
+    XtX = X[train].T @ X[train]
+    W = torch.linalg.solve(XtX + 1e-3 * XtX.diagonal().mean() * torch.eye(len(XtX)), XtY)
+    return ((X[~train] @ W).argmax(-1) == labels[~train]).double().mean().item()
+
+
+def head_report(model, x, at, recall=None):
+    """What a model's heads do on tokens x (B, T), at the positions where `at` (B, T) is True
+    (never position 0): per block and head, the mean weight on the previous token (a
+    previous-token head puts most of its weight there); with `recall` (B, T), the position of the
+    value each recall position must fetch (-1 elsewhere), the mean weight on it; and, if the model
+    has initial states, how well a linear probe reads the previous and the current token from s."""
+    maps, s = attention_maps(model, x)
+    b, t = at.nonzero(as_tuple=True)
+    rows = []
+    for i, att in enumerate(maps):
+        name = type(model.transformer.h[i].attn).__name__
+        if att is None:
+            rows.append((i, name, None, None))
+            continue
+        prev = att[b, :, t, t - 1].mean(0)  # (H,)
+        fetch = None
+        if recall is not None:
+            rb, rt = (recall != -1).nonzero(as_tuple=True)
+            fetch = att[rb, :, rt, recall[rb, rt]].mean(0)
+        rows.append((i, name, prev, fetch))
+    result = dict(rows=rows, uniform=(1.0 / (t + 1)).mean().item())  # prev of an even spread
+    if s is not None:
+        train = b < x.size(0) // 2  # fit on the first half of the sequences, score on the rest
+        labels = x[b, t - 1]
+        result['probe'] = (probe(s[b, t], labels, train), probe(s[b, t], x[b, t], train),
+                           (labels[~train] == labels[train].mode().values).double().mean().item())
+    return result
+
+
+def head_inputs(ckpt, dataset, sequences, block_size):
+    """-> (x, at, recall): tokens (B, T) to look at. MQAR: the first validation sequences, the
+    positions inside the key-value pairs, and where each query's value sits. Text: windows of
+    block_size tokens from the start of val.bin, every position but the first, no recall."""
+    data_dir = dataset_dir(ckpt, dataset)
+    meta = dataset_meta(data_dir)
+    if 'mqar' in meta:
+        T, pairs = meta['mqar']['seq_len'], meta['mqar']['pairs']
+        tokens, targets = prepare_data.read_mqar(data_dir, 'val', T)
+        x = torch.from_numpy(tokens[:sequences].astype(np.int64))
+        y = torch.from_numpy(targets[:sequences].astype(np.int64))
+        at = torch.zeros_like(x, dtype=torch.bool)
+        at[:, 1:2 * pairs] = True
+        # the value of query key x[t] sits right after that key's first place
+        first = (x[:, :2 * pairs:2].unsqueeze(1) == x.unsqueeze(2)).float().argmax(-1)  # (B, T)
+        recall = torch.where(y != -1, 2 * first + 1, -1)
+        return x, at, recall
+    data = val_data(ckpt, dataset)
+    starts = window_starts(len(data), block_size, block_size, sequences)
+    x = torch.stack([torch.from_numpy(data[j:j + block_size].astype(np.int64)) for j in starts])
+    at = torch.ones_like(x, dtype=torch.bool)
+    at[:, 0] = False
+    return x, at, None
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv):
     cfg = configure_or_exit(defaults, argv)
-    if cfg['mode'] not in ('loss', 'passkey', 'both', 'mqar'):
-        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both, mqar", status=2)
+    if cfg['mode'] not in ('loss', 'passkey', 'both', 'mqar', 'heads'):
+        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both, mqar, heads", status=2)
     if cfg['extend'] not in ('', 'interpolate', 'copy'):
         die(f"extend={cfg['extend']!r} is not one of '', interpolate, copy", status=2)
     for key in ('context', 'bucket', 'stride', 'windows', 'sequences'):
@@ -344,6 +452,31 @@ def main(argv):
         print('| sequences (queries) | ' + ' | '.join(rows[n][1] for n in names) + ' |')
         print('| accuracy % | ' + ' | '.join(f'{100 * rows[n][2]:.2f}' for n in names) + ' |')
         print('| loss (nats) | ' + ' | '.join(f'{rows[n][3]:.4f}' for n in names) + ' |')
+
+    if cfg['mode'] == 'heads':
+        print("\nheads: mean attention weight on the previous token ('prev') and, on MQAR, on the "
+              "value a query must fetch ('fetch'), per head; linear probes of s")
+        print('| checkpoint | block | attention | prev, per head | fetch, per head | prev if spread '
+              'evenly |\n|---|---:|---|---|---|---:|')
+        probes = {}
+        for name, (model, ckpt) in models.items():
+            x, at, recall = head_inputs(ckpt, cfg['dataset'], cfg['sequences'] or 256,
+                                        model.config.block_size)
+            report = head_report(model, x.to(cfg['device']), at, recall)
+            for i, attn, prev, fetch in report['rows']:
+                shown = [' '.join(f'{w:.2f}' for w in v) if v is not None else '-'
+                         for v in (prev, fetch)]
+                print(f'| {name} | {i} | {attn} | ' + ' | '.join(shown)
+                      + f" | {report['uniform']:.2f} |")
+            if 'probe' in report:
+                probes[name] = report['probe']
+        if probes:
+            print("\nlinear probe of s (ridge, fitted on half of the sequences, scored on the "
+                  "other half): accuracy % at the same positions")
+            print('| checkpoint | previous token | current token | most frequent previous token |'
+                  '\n|---|---:|---:|---:|')
+            for name, (prev, cur, base) in probes.items():
+                print(f'| {name} | {100 * prev:.1f} | {100 * cur:.1f} | {100 * base:.1f} |')
 
 
 if __name__ == '__main__':

@@ -86,6 +86,7 @@ def test_decode_reports_the_limits_and_skips_the_long_uncached_path(monkeypatch,
     for (v, T, mode), c in cells.items():
         assert c['status'] == 'ok' and c['batch'] == 2, (v, T, c)
         assert c['decode_tok_s'] > 0 and c['bandwidth'] > 0 and c['gemm_flops'] > 0
+        assert c['linear_bandwidth'] > 0
         assert c['limit_fraction'] > 0
         assert (c['recompute_tok_s'] is None) == (T > 32)
     # the formulas at T = 64 (the middle of the timed steps); tiny: 2 layers, 2 heads, n_embd 64

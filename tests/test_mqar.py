@@ -9,11 +9,12 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 import eval_long
 import prepare_data
 from configurator import read_config_file
-from conftest import REPO, TINY, one_line_error, run, run_here
+from conftest import REPO, TINY, one_line_error, run, run_here, tiny_gpt
 from model import GPT, GPTConfig
 from prepare_data import PrepareError, mqar_name, prepare, read_mqar
 
@@ -245,3 +246,69 @@ def test_configs_read_whole_sequences_and_differ_only_in_the_attention(name):
     assert config.get('attention', 'causal') == TWINS.get(name, 'causal')
     if name == 'infini_mqar':
         assert config['infini_segment'] == 16  # queries reach the pairs through the memory
+
+
+# -----------------------------------------------------------------------------
+# eval_long.py --mode=heads: the recall diagnosis
+
+@pytest.mark.parametrize('attention, prefix', [('causal', 0), ('inattention', 0),
+                                               ('inattention', 1)])
+def test_attention_maps_are_the_weights_the_model_uses(attention, prefix):
+    """Each map, applied to the block's values, gives the block's attention output."""
+    model = tiny_gpt(attention=attention, inattn_prefix=prefix)
+    x = torch.randint(37, (2, 12))
+    maps, s = eval_long.attention_maps(model, x)
+    assert (s is None) == (attention == 'causal')
+    outputs = []
+    hooks = [b.attn.register_forward_hook(lambda m, args, out: outputs.append((args, out)))
+             for b in model.transformer.h]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for att, attn, ((h, s_in, _), out) in zip(maps, [b.attn for b in model.transformer.h],
+                                               outputs):
+        assert torch.allclose(att.sum(-1), torch.ones(()), atol=1e-6)
+        assert att.triu(1).abs().max() == 0  # causal: no weight on a later token
+        C = h.size(-1)
+        v = attn.split_heads(F.linear(s_in if attn.reads_s else h, attn.c_attn.weight[2 * C:],
+                                      attn.c_attn.bias[2 * C:]))
+        assert torch.allclose(attn.c_proj(attn.merge_heads(att @ v)), out, atol=1e-5)
+
+
+def test_a_probe_reads_what_the_features_hold_and_no_more():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(10, (400,), generator=generator)
+    train = torch.arange(400) < 200
+    held = torch.eye(10)[labels] + 0.01 * torch.randn(400, 10, generator=generator)
+    assert eval_long.probe(held, labels, train) == 1.0
+    noise = torch.randn(400, 10, generator=generator)
+    assert eval_long.probe(noise, labels, train) < 0.3  # chance is 0.1
+
+
+def test_heads_finds_the_value_a_query_fetches(mqar_dir):
+    """At every query, 'fetch' reads the weight on the position of the value paired with the
+    query's key, as the data has it, and nowhere else."""
+    model = tiny_gpt(vocab_size=V)
+    x, at, recall = eval_long.head_inputs({'config': {'dataset': str(mqar_dir)}}, '', 8, T)
+    assert x.shape == (8, T) and at[:, 1:2 * N].all() and not at[:, 2 * N:].any()
+    tokens, targets, _ = load(mqar_dir, 'val')
+    for b in range(8):
+        for t in (targets[b] != -1).nonzero()[0]:
+            key_at = list(tokens[b, :2 * N:2]).index(tokens[b, t])
+            assert recall[b, t] == 2 * key_at + 1 and targets[b, t] == tokens[b, 2 * key_at + 1]
+    assert (recall != -1).sum() == 8 * N
+    report = eval_long.head_report(model, x, at, recall)
+    assert len(report['rows']) == 2 and report['rows'][0][2].shape == (4,)
+    assert all(0 <= w <= 1 for row in report['rows'] for w in row[3])
+    maps, _ = eval_long.attention_maps(model, x)
+    rb, rt = (recall != -1).nonzero(as_tuple=True)
+    assert torch.allclose(report['rows'][1][3], maps[1][rb, :, rt, recall[rb, rt]].mean(0))
+
+
+def test_heads_mode_prints_the_tables(mqar_run, capsys):
+    out, _ = mqar_run
+    eval_long.main([f'--ckpt={out}', '--mode=heads', '--sequences=8'])
+    printed = capsys.readouterr().out
+    assert re.search(r'^\| \S+ \| 1 \| CausalSelfAttention \| [\d. ]+ \| [\d. ]+ \| [\d.]+ \|$',
+                     printed, re.M)
