@@ -1,6 +1,6 @@
 """
-Does a model use a long context? Three measurements for any checkpoint written by train.py
-(docs/attention.md sections 5, 6 and 10):
+Does a model use a long context, and can it recall? Four measurements for any checkpoint
+written by train.py (docs/attention.md sections 5, 6, 9 and 10):
 
   loss     validation loss by position bucket at a chosen context length: does the loss keep
            falling as the model sees more of the text, and where does it stop improving?
@@ -57,6 +57,8 @@ defaults = dict(
     bucket=0,                # loss: positions per bucket; 0 = context // 8
     stride=0,                # loss: tokens between window starts;
                              # 0 = the bucket width (see loss_by_position)
+    offset=0,                # loss: read the windows at positions offset.. (empty context
+                             # before them): later positions, the same context
     windows=0,               # loss: at most this many windows from
                              # the start of val.bin; 0 = all that fit
     plot='',                 # loss: write the loss-by-position curves to this PNG
@@ -137,13 +139,15 @@ def window_starts(n_tokens, context, stride, windows):
 
 
 @torch.no_grad()
-def loss_by_position(model, data, context, stride, windows, batch_size, device='cpu'):
+def loss_by_position(model, data, context, stride, windows, batch_size, device='cpu', offset=0):
     """Mean next-token loss at each position 0..context-1 (a (context,) tensor) over
     windows that start every `stride` tokens from the beginning of `data` (`windows` of
     them; 0 = all that fit). With the stride dividing the bucket width, every bucket of
     positions scores the same tokens, each the same number of times (but for the first
     and last `context` tokens of the span), so a difference between buckets comes from
-    the context alone, not from which text happened to land there."""
+    the context alone, not from which text happened to land there. With an offset, the windows
+    are read at positions offset .. offset + context - 1, as if offset tokens came before that
+    the model cannot see: the same context at later positions."""
     if len(data) <= context:
         raise ValueError(f"the validation data has {len(data)} tokens, "
                          f"too few for context={context}")
@@ -155,7 +159,11 @@ def loss_by_position(model, data, context, stride, windows, batch_size, device='
         x = torch.stack([torch.from_numpy(data[j:j + context].astype(np.int64)) for j in starts])
         y = torch.stack([torch.from_numpy(data[j + 1:j + 1 + context].astype(np.int64))
                          for j in starts])
-        logits, _ = model(x.to(device), y.to(device))  # (B, T, V)
+        cache = None
+        if offset:  # an empty decoding state that starts counting positions at offset
+            cache = model.new_cache()
+            cache.pos = offset
+        logits, _ = model(x.to(device), y.to(device), cache=cache)  # (B, T, V)
         loss = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction='none')  # (B, T)
         total += loss.sum(0).cpu()  # (T,)
     return total / len(ix)
@@ -364,7 +372,7 @@ def main(argv):
         die(f"mode={cfg['mode']!r} is not one of loss, passkey, both, mqar, heads", status=2)
     if cfg['extend'] not in ('', 'interpolate', 'copy'):
         die(f"extend={cfg['extend']!r} is not one of '', interpolate, copy", status=2)
-    for key in ('context', 'bucket', 'stride', 'windows', 'sequences'):
+    for key in ('context', 'bucket', 'stride', 'windows', 'sequences', 'offset'):
         if cfg[key] < 0:
             die(f"{key}={cfg[key]} must not be negative (0 chooses the default)", status=2)
     torch.manual_seed(cfg['seed'])
@@ -384,17 +392,19 @@ def main(argv):
         stride = cfg['stride'] or width
         curves = {}
         for name, (model, ckpt) in models.items():
-            m = at_length(model, context, cfg['extend'])
+            m = at_length(model, cfg['offset'] + context, cfg['extend'])
             if m is None:
-                die(f"{name}: context={context} is past its block_size={model.config.block_size} "
-                    f"(learned positions): pass --extend=interpolate or --extend=copy to grow its "
-                    f"position table in memory", status=2)
+                die(f"{name}: offset + context = {cfg['offset'] + context} is past its block_size="
+                    f"{model.config.block_size} (learned positions): pass --extend=interpolate or "
+                    f"--extend=copy to grow its position table in memory", status=2)
             data = val_data(ckpt, cfg['dataset'])
             curves[name] = loss_by_position(m, data, context, stride, cfg['windows'],
-                                            cfg['batch_size'], cfg['device'])
+                                            cfg['batch_size'], cfg['device'], cfg['offset'])
         n = len(window_starts(len(data), context, stride, cfg['windows']))
         print(f"\nvalidation loss by position, context {context}, {n} windows starting every "
               f"{stride} tokens"
+              + (f", read at positions {cfg['offset']}.. (rows: position in the window)"
+                 if cfg['offset'] else '')
               + (f", positions extended in memory by {cfg['extend']!r}" if cfg['extend'] else ''))
         print('| positions | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))
         table = {name: buckets(c, width) for name, c in curves.items()}

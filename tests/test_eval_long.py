@@ -1,6 +1,7 @@
 """eval_long.py: passkey samples, key disjointness,
 loss by position and passkey scoring on tiny checkpoints."""
 import ast
+import copy
 import pickle
 import re
 from dataclasses import asdict
@@ -106,6 +107,21 @@ def test_loss_by_position_is_the_model_loss_split_by_position(data_dir, tmp_path
     assert [hi for _, hi, _ in eval_long.buckets(per_position, 40)] == [40, 80, 96]
 
 
+@pytest.mark.parametrize('attention', ['causal', 'inattention'])
+def test_an_offset_reads_the_same_windows_at_later_positions(data_dir, tmp_path, attention):
+    """offset=o scores like a model whose position table starts at row o (positions enter
+    through wpe only), and nothing else changes."""
+    model, ckpt = eval_long.load(save_tiny(tmp_path / 'ckpt.pt', data_dir, attention=attention),
+                                 'cpu')
+    data = eval_long.val_data(ckpt, '')
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.transformer.wpe.weight[:96] = model.transformer.wpe.weight[32:128]
+    late = eval_long.loss_by_position(model, data, 96, 32, 4, 2, offset=32)
+    assert torch.allclose(late, eval_long.loss_by_position(shifted, data, 96, 32, 4, 2), atol=1e-5)
+    assert not torch.allclose(late, eval_long.loss_by_position(model, data, 96, 32, 4, 2))
+
+
 class TargetOnly(torch.nn.Module):
     """A 'model' that ignores its input:
     its loss at a position depends only on the token to predict there."""
@@ -114,7 +130,7 @@ class TargetOnly(torch.nn.Module):
         super().__init__()
         self.logits = torch.randn(vocab_size, generator=torch.Generator().manual_seed(0)) * 3
 
-    def forward(self, x, y):
+    def forward(self, x, y, cache=None):
         return self.logits.expand(*x.shape, -1), None
 
 
@@ -204,7 +220,7 @@ def test_context_past_learned_positions_is_a_clear_error(data_dir, tmp_path, cap
     with pytest.raises(SystemExit) as e:
         eval_long.main([f'--ckpt={ckpt}', '--context=256', '--windows=2'])
     assert e.value.code == 2
-    assert 'context=256 is past its block_size=128' in capsys.readouterr().err
+    assert 'offset + context = 256 is past its block_size=128' in capsys.readouterr().err
     # extended: it runs
     eval_long.main([f'--ckpt={ckpt}', '--context=256', '--windows=2', '--extend=copy'])
 
