@@ -466,8 +466,8 @@ def main(argv):
     if cfg['mode'] == 'heads':
         print("\nheads: mean attention weight on the previous token ('prev') and, on MQAR, on the "
               "value a query must fetch ('fetch'), per head; linear probes of s")
-        print('| checkpoint | block | attention | prev, per head | fetch, per head | prev if spread '
-              'evenly |\n|---|---:|---|---|---|---:|')
+        print('| checkpoint | block | attention | prev, per head | fetch, per head | '
+              'prev if spread evenly |\n|---|---:|---|---|---|---:|')
         probes = {}
         for name, (model, ckpt) in models.items():
             x, at, recall = head_inputs(ckpt, cfg['dataset'], cfg['sequences'] or 256,
