@@ -61,7 +61,8 @@ defaults = dict(
                              # before them): later positions, the same context
     windows=0,               # loss: at most this many windows from
                              # the start of val.bin; 0 = all that fit
-    plot='',                 # loss: write the loss-by-position curves to this PNG
+    plot='',                 # loss: write the loss-by-position curves to this PNG;
+                             # heads: the attention maps of the first sequence
     mark=0,                  # loss: draw a vertical line at this position
                              # in the plot (e.g. the original block)
     extend='',               # '' | 'interpolate' | 'copy':
@@ -339,6 +340,34 @@ def head_report(model, x, at, recall=None):
     return result
 
 
+def plot_heads(maps, path):
+    """maps: name -> the attention maps of one sequence (None for a block without softmax heads),
+    drawn as one row of (T, T) images per checkpoint, a panel per block and head."""
+    import matplotlib
+    matplotlib.use('Agg')  # no display needed
+    import matplotlib.pyplot as plt
+    panels = {n: [(i, h, a[0, h]) for i, a in enumerate(m) if a is not None
+                  for h in range(a.size(1))] for n, m in maps.items()}
+    cols = max(len(p) for p in panels.values())
+    fig, axes = plt.subplots(len(panels), cols, figsize=(2.2 * cols, 2.4 * len(panels)),
+                             squeeze=False)
+    for ax_row, (name, row) in zip(axes, panels.items()):
+        for ax, (i, h, att) in zip(ax_row, row):
+            ax.imshow(att.cpu().numpy(), cmap='Blues', vmin=0, vmax=1)
+            ax.set_title(f'{os.path.basename(name)}\nblock {i}, head {h}', fontsize=7)
+            ax.set_xlabel('key position', fontsize=6)
+            ax.set_ylabel('query position', fontsize=6)
+            ax.tick_params(labelsize=5)
+        for ax in ax_row[len(row):]:
+            ax.axis('off')
+    fig.tight_layout()
+    tmp = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed
+    fig.savefig(tmp, dpi=130, format='png')
+    plt.close(fig)
+    os.replace(tmp, path)
+    print(f'wrote {path}')
+
+
 def head_inputs(ckpt, dataset, sequences, block_size):
     """-> (x, at, recall): tokens (B, T) to look at. MQAR: the first validation sequences, the
     positions inside the key-value pairs, and where each query's value sits. Text: windows of
@@ -469,10 +498,13 @@ def main(argv):
         print('| checkpoint | block | attention | prev, per head | fetch, per head | '
               'prev if spread evenly |\n|---|---:|---|---|---|---:|')
         probes = {}
+        drawn = {}  # name -> the maps of the first sequence, for --plot
         for name, (model, ckpt) in models.items():
             x, at, recall = head_inputs(ckpt, cfg['dataset'], cfg['sequences'] or 256,
                                         model.config.block_size)
             report = head_report(model, x.to(cfg['device']), at, recall)
+            if cfg['plot']:
+                drawn[name] = attention_maps(model, x[:1].to(cfg['device']))[0]
             for i, attn, prev, fetch in report['rows']:
                 shown = [' '.join(f'{w:.2f}' for w in v) if v is not None else '-'
                          for v in (prev, fetch)]
@@ -480,6 +512,8 @@ def main(argv):
                       + f" | {report['uniform']:.2f} |")
             if 'probe' in report:
                 probes[name] = report['probe']
+        if drawn:
+            plot_heads(drawn, cfg['plot'])
         if probes:
             print("\nlinear probe of s (ridge, fitted on half of the sequences, scored on the "
                   "other half): accuracy % at the same positions")

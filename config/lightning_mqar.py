@@ -3,9 +3,9 @@
 #   python eval_long.py --ckpt=out-mqar,out-lightning-mqar --mode=mqar
 
 out_dir = 'out-lightning-mqar'
-eval_interval = 250
+eval_interval = 500
 eval_iters = 20
-log_interval = 50
+log_interval = 500
 always_save_checkpoint = True
 
 wandb_log = False
@@ -23,9 +23,9 @@ n_embd = 64
 dropout = 0.0
 attention = 'lightning'
 
-learning_rate = 1e-3
-max_iters = 3000
-lr_decay_iters = 3000
+learning_rate = 1e-2  # the sweep (README): 1e-3 and 3e-3 stay on the plateau far longer
+max_iters = 20000
+lr_decay_iters = 20000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100

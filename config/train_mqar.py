@@ -6,9 +6,9 @@
 # Twins that change only the attention: inattn_mqar.py, lightning_mqar.py, infini_mqar.py.
 
 out_dir = 'out-mqar'
-eval_interval = 250
+eval_interval = 500
 eval_iters = 20
-log_interval = 50
+log_interval = 500
 always_save_checkpoint = True
 
 wandb_log = False
@@ -25,9 +25,9 @@ n_head = 2
 n_embd = 64
 dropout = 0.0
 
-learning_rate = 1e-3
-max_iters = 3000
-lr_decay_iters = 3000
+learning_rate = 1e-2  # the sweep (README): 1e-3 and 3e-3 stay on the plateau far longer
+max_iters = 20000
+lr_decay_iters = 20000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100

@@ -306,9 +306,12 @@ def test_heads_finds_the_value_a_query_fetches(mqar_dir):
     assert torch.allclose(report['rows'][1][3], maps[1][rb, :, rt, recall[rb, rt]].mean(0))
 
 
-def test_heads_mode_prints_the_tables(mqar_run, capsys):
+def test_heads_mode_prints_the_tables_and_draws_the_maps(mqar_run, tmp_path, capsys):
     out, _ = mqar_run
-    eval_long.main([f'--ckpt={out}', '--mode=heads', '--sequences=8'])
+    eval_long.main([f'--ckpt={out}', '--mode=heads', '--sequences=8',
+                    f'--plot={tmp_path / "heads.png"}'])
     printed = capsys.readouterr().out
     assert re.search(r'^\| \S+ \| 1 \| CausalSelfAttention \| [\d. ]+ \| [\d. ]+ \| [\d.]+ \|$',
                      printed, re.M)
+    assert (tmp_path / 'heads.png').read_bytes()[:4] == b'\x89PNG'
+    assert 'linear probe of s (ridge' not in printed  # a causal model has no initial states to probe
