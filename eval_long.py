@@ -301,14 +301,23 @@ def attention_maps(model, x):
 
 
 def probe(features, labels, train):
-    """Accuracy of a linear read-out (ridge regression onto one-hot labels, fitted on the rows
-    where `train` is True) that predicts labels (n,) from features (n, C), on the other rows."""
-    X = torch.cat([features, torch.ones(len(features), 1)], dim=1).double()  # with a bias
-    V = int(labels.max()) + 1
-    XtY = torch.zeros(V, X.size(1), dtype=X.dtype).index_add_(0, labels[train], X[train]).T
-    XtX = X[train].T @ X[train]
-    W = torch.linalg.solve(XtX + 1e-3 * XtX.diagonal().mean() * torch.eye(len(XtX)), XtY)
-    return ((X[~train] @ W).argmax(-1) == labels[~train]).double().mean().item()
+    """Accuracy of a linear read-out that predicts labels (n,) from features (n, C): multinomial
+    logistic regression fitted (L-BFGS, full batch, a little L2) on the rows where `train` is
+    True, scored on the other rows."""
+    X, y = features.float(), labels
+    W = torch.zeros(X.size(1), int(y.max()) + 1, requires_grad=True)
+    b = torch.zeros(W.size(1), requires_grad=True)
+    optimizer = torch.optim.LBFGS([W, b], max_iter=200, line_search_fn='strong_wolfe')
+
+    def loss():
+        optimizer.zero_grad()
+        value = F.cross_entropy(X[train] @ W + b, y[train]) + 1e-4 * W.square().sum()
+        value.backward()
+        return value
+    with torch.enable_grad():
+        optimizer.step(loss)
+    with torch.no_grad():
+        return ((X[~train] @ W + b).argmax(-1) == y[~train]).double().mean().item()
 
 
 def head_report(model, x, at, recall=None):
@@ -370,7 +379,8 @@ def plot_heads(maps, path):
 
 def head_inputs(ckpt, dataset, sequences, block_size):
     """-> (x, at, recall): tokens (B, T) to look at. MQAR: the first validation sequences, the
-    positions inside the key-value pairs, and where each query's value sits. Text: windows of
+    positions of the values in the pairs (the previous token there is the key, which recall
+    must find), and where each query's value sits. Text: windows of
     block_size tokens from the start of val.bin, every position but the first, no recall."""
     data_dir = dataset_dir(ckpt, dataset)
     meta = dataset_meta(data_dir)
@@ -380,7 +390,7 @@ def head_inputs(ckpt, dataset, sequences, block_size):
         x = torch.from_numpy(tokens[:sequences].astype(np.int64))
         y = torch.from_numpy(targets[:sequences].astype(np.int64))
         at = torch.zeros_like(x, dtype=torch.bool)
-        at[:, 1:2 * pairs] = True
+        at[:, 1:2 * pairs:2] = True
         # the value of query key x[t] sits right after that key's first place
         first = (x[:, :2 * pairs:2].unsqueeze(1) == x.unsqueeze(2)).float().argmax(-1)  # (B, T)
         recall = torch.where(y != -1, 2 * first + 1, -1)
@@ -515,8 +525,8 @@ def main(argv):
         if drawn:
             plot_heads(drawn, cfg['plot'])
         if probes:
-            print("\nlinear probe of s (ridge, fitted on half of the sequences, scored on the "
-                  "other half): accuracy % at the same positions")
+            print("\nlinear probe of s (logistic regression, fitted on half of the sequences, "
+                  "scored on the other half): accuracy % at the same positions")
             print('| checkpoint | previous token | current token | most frequent previous token |'
                   '\n|---|---:|---:|---:|')
             for name, (prev, cur, base) in probes.items():
