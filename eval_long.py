@@ -420,8 +420,9 @@ def main(argv):
         models[path.removesuffix('/ckpt.pt').rstrip('/')] = load(path, cfg['device'])
     for name, (model, _) in models.items():
         c = model.config
-        print(f"{name}: attention={c.attention}, pos_emb={c.pos_emb}, block_size={c.block_size}, "
-              f"{model.get_num_params() / 1e6:.2f}M parameters")
+        prefix = f", inattn_prefix={c.inattn_prefix}" if c.inattn_prefix else ''
+        print(f"{name}: attention={c.attention}{prefix}, pos_emb={c.pos_emb}, block_size="
+              f"{c.block_size}, {model.get_num_params() / 1e6:.2f}M parameters")
     first = next(iter(models.values()))[0].config.block_size
     names = list(models)
 

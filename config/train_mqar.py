@@ -1,7 +1,8 @@
 # MQAR, multi-query associative recall (docs/attention.md section 10): 8 key-value pairs, then
 # each key asked again at a random place of a 64-token sequence; the loss counts recall only.
-# A CPU-sized start: 2 layers, 64 wide, as Zoology's smallest models. The data (prepare_data.py
-# mqar: 100,000 training sequences) is prepared on first use. Then
+# 2 layers, 64 wide, as Zoology's smallest models: on one CPU thread vanilla attention leaves the
+# "one of the values seen" plateau near step 6,000 (8 minutes) and recalls 99.7% by step 10,000
+# (README). The data (prepare_data.py mqar: 100,000 training sequences) is prepared on first use.
 #   python eval_long.py --ckpt=out-mqar --mode=mqar    # recall accuracy on the 3,000 val sequences
 # Twins that change only the attention: inattn_mqar.py, lightning_mqar.py, infini_mqar.py.
 
