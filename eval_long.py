@@ -31,7 +31,6 @@ without positions (pos_emb='none': Lightning, Infini-attention) run at any lengt
 passkey keys are the evaluation keys (prepare_data.is_eval_key), never seen in training.
 """
 import copy
-import math
 import os
 import sys
 
@@ -43,7 +42,7 @@ from tqdm import tqdm
 import prepare_data
 from checkpoint import build_model, data_folder, dataset_meta, load_checkpoint, prepare_dataset
 from configurator import configure_or_exit, die
-from model import CausalSelfAttention, InAttention, causal_mask
+from model import CausalSelfAttention, InAttention, attention_weights
 
 DEPTH_NAMES = {0.0: 'start', 0.5: 'middle', 1.0: 'end'}
 
@@ -286,9 +285,7 @@ def attention_maps(model, x):
         bq, bk = (None, None) if attn.c_attn.bias is None else attn.c_attn.bias.split(C)[:2]
         q = attn.split_heads(F.linear(x, Wq, bq))
         k = attn.split_heads(F.linear(s if attn.reads_s else x, Wk, bk))  # (B, H, T, hd)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-        T = x.size(1)
-        maps.append(F.softmax(att.masked_fill(~causal_mask(T, T, x.device), float('-inf')), -1))
+        maps.append(attention_weights(q, k))
 
     hooks = [b.attn.register_forward_pre_hook(weights) for b in model.transformer.h]
     ln_in = model.transformer.ln_in

@@ -108,12 +108,17 @@ def attend(q, k, v, dropout_p=0.0, sdpa=True):
         is_causal = Tq == Tk > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=is_causal)
+    att = F.dropout(attention_weights(q, k), p=dropout_p, training=dropout_p > 0)
+    return att @ v
+
+
+def attention_weights(q, k):
+    """softmax(q kᵀ / sqrt(hd) + mask): (B, H, Tq, Tk), the queries the last Tq positions."""
+    Tq, Tk = q.size(-2), k.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, Tq, Tk)
     if Tq > 1:
         att = att.masked_fill(~causal_mask(Tq, Tk, q.device), float('-inf'))
-    att = F.softmax(att, dim=-1)
-    att = F.dropout(att, p=dropout_p, training=dropout_p > 0)
-    return att @ v
+    return F.softmax(att, dim=-1)
 
 
 def grow(state, name, t, dim=2, capacity=None):
