@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint import data_folder  # noqa: E402
 from configurator import die  # noqa: E402
 from eval_long import loss_by_position  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -29,8 +30,7 @@ if len(sys.argv) != 3 or not sys.argv[2].isdigit() or int(sys.argv[2]) > 64:
     die("usage: python docs/end_of_window.py ATTENTION MAX_OFFSET (0..64), e.g. inattention 64")
 attention = sys.argv[1]
 max_offset = int(sys.argv[2])
-data_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data',
-                        'shakespeare_char')
+data_dir = data_folder('shakespeare_char')
 if not os.path.isfile(os.path.join(data_dir, 'val.bin')):
     die(f"no {data_dir}/val.bin: run python prepare_data.py shakespeare_char first")
 train_data = np.memmap(os.path.join(data_dir, 'train.bin'), dtype=np.uint16, mode='r')
