@@ -76,6 +76,8 @@ def variants():
                 out[f'inattention-{form}'] = dict(out[name], inattn_decode=form)
         if cls.reads_s:  # over one causal block (docs/attention.md section 9): 3d per token
             out[f'{name}-p1'] = dict(out[name], inattn_prefix=1)
+            for k in (1, 3):  # the token shift (section 11): d per token, plus k·d in all
+                out[f'{name}-s{k}'] = dict(out[name], inattn_shift=k)
     return out
 
 

@@ -49,6 +49,7 @@ class GPTConfig:
     inattn_cache: str = 's'  # InAttention's decoding state: 's' (absorbed decode) or 'kv'
     inattn_decode: str = 'auto'  # absorbed decode: 'gemm' (two passes over s), 'stream' (one pass)
     inattn_prefix: int = 0   # InAttention: the first m blocks are causal, s is taken after them
+    inattn_shift: int = 0    # InAttention: s also sees the previous k positions (token shift)
     lightning_block: int = 64     # Lightning: block length of the tiled training form
     infini_segment: int = 64      # Infini-attention: segment length N
     infini_update: str = 'linear'  # Infini-attention memory update: 'linear' or 'delta'
@@ -71,6 +72,12 @@ def check_config(config):
     if m and not ATTENTIONS[config.attention].reads_s:
         raise ValueError(f"inattn_prefix={m} needs an attention that reads initial states "
                          f"(inattention), not {config.attention!r}: drop it or use 0")
+    k = config.inattn_shift
+    if k and not ATTENTIONS[config.attention].reads_s:
+        raise ValueError(f"inattn_shift={k} needs an attention that reads initial states "
+                         f"(inattention), not {config.attention!r}: drop it or use 0")
+    if k < 0:
+        raise ValueError(f"inattn_shift={k} must be 0 (off) or the number of previous positions")
     if not 0 <= m < config.n_layer:
         raise ValueError(f"inattn_prefix={m} must be in 0..n_layer-1 = {config.n_layer - 1}: "
                          f"blocks 0..m-1 are causal and at least one reads the initial states")
@@ -590,6 +597,9 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd) if learned_positions else None,
             drop=nn.Dropout(config.dropout),
             ln_in=LayerNorm(config.n_embd, bias=config.bias) if attn.reads_s else None,
+            # W_1..W_k of the token shift, as one (C, k·C) matrix over [h_{t-1}, ..., h_{t-k}]
+            shift=nn.Linear(config.inattn_shift * config.n_embd, config.n_embd, bias=False)
+            if config.inattn_shift else None,
             h=nn.ModuleList([Block(config, i, self.attention(i)) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -654,11 +664,29 @@ class GPT(nn.Module):
 
     def initial_states(self, x, cache=None):
         """s = ln_in(h_m), h_m (B, T, C) the stream entering block m = inattn_prefix (m = 0: the
-        embeddings). A decoder that keeps s appends the new tokens': -> (B, pos0 + T, C)."""
+        embeddings). With the token shift of k positions (docs/attention.md section 11):
+            s_t = ln_in(h_t + Σ_{i=1..k} W_i h_{t-i}),   h_t = 0 for t < 0
+        A decoder that keeps s appends the new tokens': -> (B, pos0 + T, C)."""
+        if self.transformer.shift is not None:
+            x = x + self.transformer.shift(self.previous_inputs(x, cache))
         s = self.transformer.ln_in(x)
         if cache is not None and ATTENTIONS[self.config.attention].caches_s(self.config):
             s = grow(cache.shared, 's', s, dim=1)
         return s
+
+    def previous_inputs(self, x, cache=None):
+        """x (B, T, C) -> (B, T, k·C): [h_{t-1}, ..., h_{t-k}] at every t. The k inputs before
+        x are zeros at the start, else the decoder's cache.shared['shift'] (its last k inputs,
+        a constant k·d numbers per sequence, which this call updates)."""
+        B, T, C = x.size()
+        k = self.config.inattn_shift
+        before = x.new_zeros(B, k, C)
+        if cache is not None and 'shift' in cache.shared:
+            before = cache.shared['shift']
+        h = torch.cat([before, x], dim=1)  # (B, k + T, C): h_{t-k} .. h_{T-1}
+        if cache is not None:
+            cache.shared['shift'] = h[:, -k:].clone()  # the next call's k previous inputs
+        return torch.cat([h[:, k - i:k - i + T] for i in range(1, k + 1)], dim=2)
 
     # --- context length ------------------------------------------------------------------------
 
@@ -702,13 +730,14 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
         """Hugging Face GPT-2 weights ('gpt2', 'gpt2-medium', ..., or a local folder), by name.
-        override_args may set dropout, attention and inattn_prefix. With attention='inattention'
+        override_args may set dropout, attention, inattn_prefix and inattn_shift. With attention='inattention'
         the weights are only a start: the same Wk, Wv then read the initial states instead of the
         stream, so the model computes something else until it is fine-tuned; ln_in starts as the
         identity norm."""
         from transformers import GPT2LMHeadModel
         override_args = override_args or {}
-        assert set(override_args) <= {'dropout', 'attention', 'inattn_prefix'}, "only these three"
+        allowed = {'dropout', 'attention', 'inattn_prefix', 'inattn_shift'}
+        assert set(override_args) <= allowed, f"only these: {sorted(allowed)}"
         hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         c = hf.config
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
@@ -771,6 +800,8 @@ class GPT(nn.Module):
         n = sum(type(b.attn).state_bytes(self.config, T, dtype) for b in self.transformer.h)
         if attn.caches_s(self.config):
             n += T * self.config.n_embd * dtype.itemsize  # s: d numbers per token, for all layers
+        if self.config.inattn_shift and T > 0:  # the last k inputs of the token shift
+            n += self.config.inattn_shift * self.config.n_embd * dtype.itemsize
         return n * batch_size
 
     @torch.no_grad()

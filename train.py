@@ -71,6 +71,7 @@ sdpa = True
 inattn_cache = 's'
 inattn_decode = 'auto'
 inattn_prefix = 0
+inattn_shift = 0
 lightning_block = 64
 infini_segment = 64
 infini_update = 'linear'
@@ -370,7 +371,7 @@ if init_from == 'scratch':
 elif from_gpt2:
     log(f"initializing from OpenAI GPT-2 weights: {init_from}")
     model = load_gpt2(init_from, dict(dropout=dropout, attention=attention,
-                                      inattn_prefix=inattn_prefix))
+                                      inattn_prefix=inattn_prefix, inattn_shift=inattn_shift))
 else:
     log(f"{'resuming' if init_from == 'resume' else 'initializing'} from {ckpt_path}")
     for k, v in saved.items():
