@@ -322,7 +322,8 @@ def head_report(model, x, at, recall=None):
     (never position 0): per block and head, the mean weight on the previous token (a
     previous-token head puts most of its weight there); with `recall` (B, T), the position of the
     value each recall position must fetch (-1 elsewhere), the mean weight on it; and, if the model
-    has initial states, how well a linear probe reads the previous and the current token from s."""
+    has initial states, how well a linear probe reads from s the tokens 1, 2 and 3 before and the
+    current token (the token shift puts the previous ones there)."""
     maps, s = attention_maps(model, x)
     b, t = at.nonzero(as_tuple=True)
     rows = []
@@ -340,8 +341,12 @@ def head_report(model, x, at, recall=None):
     result = dict(rows=rows, uniform=(1.0 / (t + 1)).mean().item())  # prev of an even spread
     if s is not None:
         train = b < x.size(0) // 2  # fit on the first half of the sequences, score on the rest
+        back = []  # the tokens 1, 2, 3 before (where there are that many)
+        for i in (1, 2, 3):
+            has = t >= i
+            back.append(probe(s[b[has], t[has]], x[b[has], t[has] - i], train[has]))
         labels = x[b, t - 1]
-        result['probe'] = (probe(s[b, t], labels, train), probe(s[b, t], x[b, t], train),
+        result['probe'] = (*back, probe(s[b, t], x[b, t], train),
                            (labels[~train] == labels[train].mode().values).double().mean().item())
     return result
 
@@ -418,6 +423,7 @@ def main(argv):
     for name, (model, _) in models.items():
         c = model.config
         prefix = f", inattn_prefix={c.inattn_prefix}" if c.inattn_prefix else ''
+        prefix += f", inattn_shift={c.inattn_shift}" if c.inattn_shift else ''
         print(f"{name}: attention={c.attention}{prefix}, pos_emb={c.pos_emb}, block_size="
               f"{c.block_size}, {model.get_num_params() / 1e6:.2f}M parameters")
     first = next(iter(models.values()))[0].config.block_size
@@ -525,10 +531,10 @@ def main(argv):
         if probes:
             print("\nlinear probe of s (logistic regression, fitted on half of the sequences, "
                   "scored on the other half): accuracy % at the same positions")
-            print('| checkpoint | previous token | current token | most frequent previous token |'
-                  '\n|---|---:|---:|---:|')
-            for name, (prev, cur, base) in probes.items():
-                print(f'| {name} | {100 * prev:.1f} | {100 * cur:.1f} | {100 * base:.1f} |')
+            print('| checkpoint | previous token | 2 back | 3 back | current token | '
+                  'most frequent previous token |\n|---|---:|---:|---:|---:|---:|')
+            for name, accuracies in probes.items():
+                print(f'| {name} | ' + ' | '.join(f'{100 * a:.1f}' for a in accuracies) + ' |')
 
 
 if __name__ == '__main__':
