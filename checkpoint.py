@@ -88,6 +88,39 @@ def dataset_meta(dataset):
         die(e)
 
 
+def load_tokenizer(meta):
+    """-> (name, encode, token_bytes) for a vocabulary (a meta.pkl's dict), by the one rule of
+    prepare_data.tokenizer_name (train.py, sample.py and eval_long.py all follow it): encode is
+    text -> ids ('<|endoftext|>' is BPE's special token), token_bytes is id -> its UTF-8 bytes
+    (b'' for BPE's padding ids). A meta that names no tokenizer, a character the vocabulary has
+    not, or a tokenizer tiktoken cannot load stop with one line; MQAR's ids have no text."""
+    try:
+        name = prepare_data.tokenizer_name(meta, 'the vocabulary')
+        if name == 'mqar':
+            raise prepare_data.PrepareError("MQAR's ids are no text: score an MQAR model with "
+                                            "eval_long.py --mode=mqar")
+        if name != 'char':
+            enc = prepare_data.get_encoding(name)
+    except prepare_data.PrepareError as e:
+        die(e, status=2)
+    if name == 'char':
+        stoi, itos = meta['stoi'], meta['itos']
+
+        def encode(text):
+            unknown = sorted(set(text) - set(stoi))
+            if unknown:
+                die(f"the text has characters that are not in the model's vocabulary of "
+                    f"{len(stoi)}: {', '.join(map(repr, unknown))}; remove or replace them")
+            return [stoi[c] for c in text]
+
+        return name, encode, lambda i: itos[i].encode('utf-8')
+
+    def token_bytes(i):
+        return enc.decode_single_token_bytes(i) if i < enc.n_vocab else b''  # padding: no text
+
+    return name, lambda text: enc.encode(text, allowed_special={'<|endoftext|>'}), token_bytes
+
+
 def load_checkpoint(path):
     """The dict at path; a truncated or foreign file stops with one line (nothing is written)."""
     try:

@@ -40,7 +40,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import prepare_data
-from checkpoint import build_model, data_folder, dataset_meta, load_checkpoint, prepare_dataset
+from checkpoint import (build_model, data_folder, dataset_meta, load_checkpoint, load_tokenizer,
+                        prepare_dataset)
 from configurator import configure_or_exit, die
 from model import CausalSelfAttention, InAttention, attention_weights
 
@@ -118,11 +119,9 @@ def val_data(ckpt, dataset):
 def encoder(meta):
     """text -> token ids in the checkpoint's vocabulary;
     a character vocabulary must hold the passkey's characters."""
-    if 'tokenizer' in meta:
-        return prepare_data.get_encoding().encode_ordinary
-    stoi = meta['stoi']
-    missing = ''.join(sorted(prepare_data.PASSKEY_CHARS - set(stoi)))
-    if missing:
+    name, encode, _ = load_tokenizer(meta)
+    missing = ''.join(sorted(prepare_data.PASSKEY_CHARS - set(meta.get('stoi', ()))))
+    if name == 'char' and missing:
         raise ValueError(f"the model's vocabulary has no {missing!r}: passkey needs a model "
                          f"trained on a vocabulary with digits, e.g. "
                          f"dataset='shakespeare_char_passkey'")

@@ -314,17 +314,25 @@ for split in ('train', 'val'):
 
 def vocabulary(meta):
     """What a meta.pkl's ids mean, in words: a character table, MQAR's ids, or a BPE tokenizer."""
-    if 'stoi' in meta:
+    name = prepare_data.tokenizer_name(meta)
+    if name == 'char':
         return f"{meta['vocab_size']} characters"
-    if 'mqar' in meta:
+    if name == 'mqar':
         return f"MQAR's {meta['vocab_size']} ids"
-    return f"the {meta.get('tokenizer')} BPE"
+    return f"the {name} BPE"
+
+
+def ids_meaning(meta):
+    """What decides what a vocabulary's ids mean: its tokenizer, character table and size."""
+    try:
+        return prepare_data.tokenizer_name(meta), meta.get('stoi'), meta['vocab_size']
+    except prepare_data.PrepareError as e:  # a checkpoint whose meta names no tokenizer
+        die(e, status=2)
 
 
 if checkpoint is not None or from_gpt2:  # the ids must mean what they meant in training
     trained_meta = checkpoint['meta'] if checkpoint is not None else GPT2_META
-    trained = (trained_meta.get('stoi'), trained_meta.get('tokenizer'), trained_meta['vocab_size'])
-    if (meta.get('stoi'), meta.get('tokenizer'), meta['vocab_size']) != trained:
+    if ids_meaning(meta) != ids_meaning(trained_meta):
         die(f"dataset {dataset!r} has another vocabulary ({vocabulary(meta)}) than the model of "
             f"{init_from} was trained on ({vocabulary(trained_meta)}): use that model's dataset, "
             f"or train from scratch", status=2)
