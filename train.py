@@ -96,7 +96,7 @@ backend = 'auto'  # DDP backend: auto = 'nccl' on GPUs, 'gloo' on CPUs
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', 'mps'
 dtype = 'auto'  # 'float32' | 'bfloat16' | 'float16' (GradScaler); auto: bfloat16 where the GPU
                 # has it, else float16 on a GPU, float32 on a CPU
-compile = True  # torch.compile the model (PyTorch 2)
+compile = torch.cuda.is_available()  # torch.compile the model (PyTorch 2): default on with CUDA
 seed = 1337  # the initial weights; with (iteration, micro-step) the data and dropout of a batch
 on_nonfinite = 'stop'  # a nan/inf loss: 'stop' (the last checkpoint stays) or 'skip' the step
 check_sync = False  # DDP: compare the weights' checksums across processes after every step
@@ -418,10 +418,34 @@ if init_from == 'resume':
     best_val_loss = checkpoint['best_val_loss']
 checkpoint = None  # free up memory
 
+
+
+def compiled(model):
+    """torch.compile(model), tried at once on one micro-batch, forward and backward (where the
+    compiling happens); when it cannot compile (no C compiler, Windows, MPS), one line says so and
+    the model itself comes back. The trial leaves no trace: its gradients are dropped, its batch
+    has a generator of its own, and every micro-batch of training seeds its own dropout."""
+    try:
+        compiled_model = torch.compile(model)
+        X, Y = get_batch('train', torch.Generator().manual_seed(seed))
+        with ctx:
+            _, loss = compiled_model(X, Y)
+        loss.backward()
+    except Exception as e:  # a missing compiler, a backend's error, ...: many types
+        e = getattr(e, 'inner_exception', e)  # a backend's error, as dynamo passes it on
+        why = (str(e).strip().splitlines() or [''])[0][:160]
+        log(f"torch.compile cannot compile the model here ({type(e).__name__}: {why}): training "
+            f"continues uncompiled (--compile=False skips the attempt)")
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    return compiled_model
+
+
 raw_model = model  # the plain module: what is saved, without torch.compile's and DDP's prefixes
 if compile:
     log("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
+    model = compiled(raw_model)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
