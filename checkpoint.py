@@ -121,7 +121,7 @@ def load_tokenizer(meta):
     try:
         name = prepare_data.tokenizer_name(meta, 'the vocabulary')
         if name == 'mqar':
-            raise prepare_data.PrepareError("MQAR's ids are no text: score an MQAR model with "
+            raise prepare_data.PrepareError("an MQAR model reads ids, not text: score it with "
                                             "eval_long.py --mode=mqar")
         if name != 'char':
             enc = prepare_data.get_encoding(name)

@@ -4,8 +4,8 @@ Sample from a trained model, printing the text as it is generated (nanoGPT's sam
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=2
     python sample.py --init_from=gpt2 --start=FILE:prompt.txt --stats
 
-The text is decoded with the vocabulary saved in the checkpoint (characters, or the tiktoken BPE
-it names). A prompt longer than the context of a model with learned positions is cut to its last
+The text is decoded with the vocabulary saved in the checkpoint (characters, or GPT-2 BPE via
+tiktoken). A prompt longer than the context of a model with learned positions is cut to its last
 block_size tokens (a note on stderr says so); characters outside a character vocabulary are an
 error. --stats adds decode and prefill speed, and the memory of the decoding state: the bytes a
 cache really holds after the final context, beside the model's formula for them. --gates prints an
