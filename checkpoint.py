@@ -7,7 +7,10 @@ A checkpoint is the dict train.py saves to <out_dir>/ckpt.pt, nanoGPT's format p
     meta     the vocabulary (prepare_data.py's meta.pkl), so that sample.py can decode
 A checkpoint written by nanoGPT's own train.py (no scaler, no meta) samples, is evaluated and
 resumes: its vocabulary is read from its dataset folder, where no meta.pkl means GPT-2 BPE
-(nanoGPT's rule).
+(nanoGPT's rule). load_tokenizer turns a vocabulary into text and back.
+
+With always_save_checkpoint=False, ckpt.pt holds the best validation loss seen and last.pt the
+latest evaluated state when it is worse (resume_path chooses between them); see train.py.
 """
 import errno
 import glob
@@ -34,6 +37,27 @@ def checkpoint_path(init_from, out_dir):
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     return path
+
+
+def resume_path(out_dir):
+    """The checkpoint that resuming out_dir continues: last.pt when it is later than ckpt.pt
+    (always_save_checkpoint=False keeps the best weights in ckpt.pt and a later, worse state in
+    last.pt), else ckpt.pt. A last.pt no later than ckpt.pt is one that a run stopped right after
+    writing a new best left behind, before removing it: it is ignored."""
+    best, last = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'last.pt')
+    if not os.path.isfile(last):
+        return best
+    if not os.path.isfile(best):
+        return last
+    return last if iteration(last) > iteration(best) else best
+
+
+def iteration(path):
+    """A checkpoint's iter_num, read without reading its tensors (they are memory-mapped)."""
+    try:
+        return torch.load(path, map_location='cpu', mmap=True, weights_only=False)['iter_num']
+    except Exception:  # an old format or a broken file: the full load says what is wrong
+        return load_checkpoint(path).get('iter_num', 0)
 
 
 def train_command(out_dir):
@@ -86,6 +110,39 @@ def dataset_meta(dataset):
         return prepare_data.read_meta(data_folder(dataset))
     except prepare_data.PrepareError as e:
         die(e)
+
+
+def load_tokenizer(meta):
+    """-> (name, encode, token_bytes) for a vocabulary (a meta.pkl's dict), by the one rule of
+    prepare_data.tokenizer_name (train.py, sample.py and eval_long.py all follow it): encode is
+    text -> ids ('<|endoftext|>' is BPE's special token), token_bytes is id -> its UTF-8 bytes
+    (b'' for BPE's padding ids). A meta that names no tokenizer, a character the vocabulary has
+    not, or a tokenizer tiktoken cannot load stop with one line; MQAR's ids have no text."""
+    try:
+        name = prepare_data.tokenizer_name(meta, 'the vocabulary')
+        if name == 'mqar':
+            raise prepare_data.PrepareError("an MQAR model reads ids, not text: score it with "
+                                            "eval_long.py --mode=mqar")
+        if name != 'char':
+            enc = prepare_data.get_encoding(name)
+    except prepare_data.PrepareError as e:
+        die(e, status=2)
+    if name == 'char':
+        stoi, itos = meta['stoi'], meta['itos']
+
+        def encode(text):
+            unknown = sorted(set(text) - set(stoi))
+            if unknown:
+                die(f"the text has characters that are not in the model's vocabulary of "
+                    f"{len(stoi)}: {', '.join(map(repr, unknown))}; remove or replace them")
+            return [stoi[c] for c in text]
+
+        return name, encode, lambda i: itos[i].encode('utf-8')
+
+    def token_bytes(i):
+        return enc.decode_single_token_bytes(i) if i < enc.n_vocab else b''  # padding: no text
+
+    return name, lambda text: enc.encode(text, allowed_special={'<|endoftext|>'}), token_bytes
 
 
 def load_checkpoint(path):

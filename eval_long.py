@@ -9,6 +9,8 @@ written by train.py (docs/attention.md sections 5, 6, 9 and 10):
            teacher forcing
   mqar     multi-query associative recall (prepare_data.mqar_sample) on the validation sequences
            of an MQAR dataset: the share of queries whose value is the argmax, and the loss there
+  curves   the training and validation loss curves of runs, read from the log.jsonl train.py
+           writes beside each ckpt.pt: a table and, with --plot, one PNG to compare them
   heads    why a model recalls or not: per block and head, the attention weight on the previous
            token (a previous-token head, the first half of an induction head) and, on MQAR, on the
            value a query must fetch; and a linear probe of the initial states s for the previous
@@ -20,6 +22,8 @@ written by train.py (docs/attention.md sections 5, 6, 9 and 10):
     python eval_long.py --ckpt=out-inattn-passkey --mode=passkey --lengths=[256,512,1024]
     python eval_long.py --ckpt=out-mqar,out-inattn-mqar --mode=mqar
     python eval_long.py --ckpt=out-mqar,out-inattn-mqar --mode=heads
+    python eval_long.py --ckpt=out-shakespeare-char,out-inattn-shakespeare-char --mode=curves \
+        --plot=curves.png
 
 Several checkpoints (comma-separated) are compared side by side on the same windows and the
 same keys. The loss windows start every --stride tokens (default: the bucket width) over
@@ -31,6 +35,7 @@ without positions (pos_emb='none': Lightning, Infini-attention) run at any lengt
 passkey keys are the evaluation keys (prepare_data.is_eval_key), never seen in training.
 """
 import copy
+import json
 import os
 import sys
 
@@ -40,7 +45,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import prepare_data
-from checkpoint import build_model, data_folder, dataset_meta, load_checkpoint, prepare_dataset
+from checkpoint import (build_model, data_folder, dataset_meta, load_checkpoint, load_tokenizer,
+                        prepare_dataset)
 from configurator import configure_or_exit, die
 from model import CausalSelfAttention, InAttention, attention_weights
 
@@ -50,7 +56,8 @@ defaults = dict(
     ckpt='out-inattn-long',  # a checkpoint folder (holding ckpt.pt) or file;
                              # several, comma-separated
     mode='loss',             # 'loss' | 'passkey' | 'both' (loss and passkey) | 'mqar' |
-                             # 'heads' (previous-token heads, recall, probes of s)
+                             # 'heads' (previous-token heads, recall, probes of s) |
+                             # 'curves' (loss curves from each run's log.jsonl)
     dataset='',              # loss, mqar: validation data; '' = each checkpoint's own dataset
     context=0,               # loss: window length in tokens; 0 = the first checkpoint's block_size
     bucket=0,                # loss: positions per bucket; 0 = context // 8
@@ -61,7 +68,8 @@ defaults = dict(
     windows=0,               # loss: at most this many windows from
                              # the start of val.bin; 0 = all that fit
     plot='',                 # loss: write the loss-by-position curves to this PNG;
-                             # heads: the attention maps of the first sequence
+                             # heads: the attention maps of the first sequence;
+                             # curves: the runs' train and val loss curves
     mark=0,                  # loss: draw a vertical line at this position
                              # in the plot (e.g. the original block)
     extend='',               # '' | 'interpolate' | 'copy':
@@ -118,15 +126,13 @@ def val_data(ckpt, dataset):
 def encoder(meta):
     """text -> token ids in the checkpoint's vocabulary;
     a character vocabulary must hold the passkey's characters."""
-    if 'tokenizer' in meta:
-        return prepare_data.get_encoding().encode_ordinary
-    stoi = meta['stoi']
-    missing = ''.join(sorted(prepare_data.PASSKEY_CHARS - set(stoi)))
-    if missing:
+    name, encode, _ = load_tokenizer(meta)
+    missing = ''.join(sorted(prepare_data.PASSKEY_CHARS - set(meta.get('stoi', ()))))
+    if name == 'char' and missing:
         raise ValueError(f"the model's vocabulary has no {missing!r}: passkey needs a model "
                          f"trained on a vocabulary with digits, e.g. "
                          f"dataset='shakespeare_char_passkey'")
-    return lambda text: [stoi[ch] for ch in text]
+    return encode
 
 
 # -----------------------------------------------------------------------------
@@ -197,6 +203,71 @@ def plot_losses(curves, width, mark, path):
     fig.savefig(tmp, format='png', dpi=120)
     os.replace(tmp, path)
     print(f'wrote {path}')
+
+
+# -----------------------------------------------------------------------------
+# loss curves of training runs
+
+def read_log(name):
+    """The records of the run of checkpoint `name` (a folder, or a .pt file in one): the log.jsonl
+    train.py writes beside ckpt.pt. A line cut short (a crash) is skipped."""
+    folder = os.path.dirname(name) or '.' if name.endswith('.pt') else name
+    path = os.path.join(folder, 'log.jsonl')
+    if not os.path.isfile(path):
+        die(f"{name}: no {path}: train.py writes it beside ckpt.pt (runs trained before it did "
+            f"have none); pass the run's out_dir", status=2)
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def plot_curves(runs, path):
+    """One PNG: each run's training loss at the logged iterations (faint) and validation loss at
+    its evaluations (dots), in one color per run."""
+    import matplotlib
+    matplotlib.use('Agg')  # no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, records in runs.items():
+        train = [(r['iter'], r['loss']) for r in records if r['kind'] == 'train']
+        val = [(r['iter'], r['val_loss']) for r in records if r['kind'] == 'eval']
+        color = None  # the run's color: the train curve's, taken again by the val curve
+        if train:
+            line, = ax.plot(*zip(*train), alpha=0.35, linewidth=0.8, label=f'{name} train')
+            color = line.get_color()
+        if val:
+            ax.plot(*zip(*val), marker='o', markersize=3, color=color, label=f'{name} val')
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('loss (nats)')
+    ax.set_title('training loss (faint: logged iterations), validation loss (dots: evaluations)')
+    ax.legend()
+    fig.tight_layout()
+    tmp = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed
+    fig.savefig(tmp, format='png', dpi=120)
+    os.replace(tmp, path)
+    print(f'wrote {path}')
+
+
+def training_curves(names, path):
+    """The table of each run's evaluations: the last, and the best after iteration 0 (what
+    ckpt.pt holds with always_save_checkpoint=False); and the plot."""
+    runs = {name.removesuffix('/ckpt.pt').rstrip('/'): read_log(name) for name in names}
+    print('| run | iterations | last val loss | best val loss (iteration) |\n|---|---:|---:|---:|')
+    for name, records in runs.items():
+        evals = [r for r in records if r['kind'] == 'eval' and r['iter'] > 0]
+        last = max((r['iter'] for r in records), default=0)
+        best = min(evals, key=lambda r: r['val_loss'], default=None)
+        shown = '- | -'
+        if best:
+            shown = f"{evals[-1]['val_loss']:.4f} | {best['val_loss']:.4f} ({best['iter']})"
+        print(f'| {name} | {last} | {shown} |')
+    if path:
+        plot_curves(runs, path)
 
 
 # -----------------------------------------------------------------------------
@@ -409,8 +480,12 @@ def head_inputs(ckpt, dataset, sequences, block_size):
 
 def main(argv):
     cfg = configure_or_exit(defaults, argv)
-    if cfg['mode'] not in ('loss', 'passkey', 'both', 'mqar', 'heads'):
-        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both, mqar, heads", status=2)
+    if cfg['mode'] not in ('loss', 'passkey', 'both', 'mqar', 'heads', 'curves'):
+        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both, mqar, heads, curves",
+            status=2)
+    if cfg['mode'] == 'curves':  # from the logs: no model is loaded
+        training_curves(cfg['ckpt'].split(','), cfg['plot'])
+        return
     if cfg['extend'] not in ('', 'interpolate', 'copy'):
         die(f"extend={cfg['extend']!r} is not one of '', interpolate, copy", status=2)
     for key in ('context', 'bucket', 'stride', 'windows', 'sequences', 'offset'):

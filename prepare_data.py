@@ -9,11 +9,22 @@ and meta.pkl.
     python prepare_data.py openwebtext --max_docs 100000 --num_proc 8
     python prepare_data.py mqar --seq_len 64 --pairs 8 --vocab 256   # data/mqar_T64_N8_V256/
     python prepare_data.py mqar_T64_N8_V256                          # the same, by its name
+    python prepare_data.py text --input my.txt                       # any text: data/my/
+    python prepare_data.py text --input my.txt --tokenizer gpt2 --out_dir data/my_bpe
 
-meta.pkl is a pickled dict: {'vocab_size': int, 'stoi': {char: int}, 'itos': {int: char}} for a
-character vocabulary, or {'vocab_size': 50257, 'tokenizer': 'r50k_base'} for GPT-2 BPE
-(<|endoftext|> = 50256). A folder with train.bin and val.bin but no meta.pkl (nanoGPT's
-data/openwebtext) is GPT-2 BPE: read_meta() says so.
+meta.pkl is a pickled dict that names its tokenizer: {'vocab_size': int, 'tokenizer': 'char',
+'stoi': {char: int}, 'itos': {int: char}} for a character vocabulary, {'vocab_size': 50257,
+'tokenizer': 'r50k_base'} for GPT-2 BPE (<|endoftext|> = 50256) or another tiktoken encoding's name,
+{'vocab_size': int, 'tokenizer': 'mqar', 'mqar': {...}} for MQAR. Reading a folder, one rule
+(tokenizer_name): 'stoi' means characters (nanoGPT's character folders have no 'tokenizer'), a
+'tokenizer' key names it, no meta.pkl at all means GPT-2 BPE (nanoGPT's data/openwebtext), and a
+meta.pkl with neither is an error.
+
+`text` tokenises any UTF-8 text file, 90% train / 10% val (nanoGPT's split), with characters
+(default) or a tiktoken encoding: gpt2 (= r50k_base) or any other whose ids fit the uint16 files
+(p50k_base does; cl100k_base and o200k_base do not). The val split must hold more than
+MIN_TOKENS = 64 tokens, one block of 64 (the file then has ~640 characters or more); train.py checks
+the block_size of the run.
 
 MQAR (multi-query associative recall, see prepare_mqar) is no text: <split>.bin holds whole
 sequences of seq_len tokens one after another, <split>_targets.bin (np.int16) the target of every
@@ -27,7 +38,7 @@ flushed to disk, then renamed; temp files of runs that died are removed by the n
 a live run are left alone.
 
 Offline copies come in only through these (nothing outside the repo is looked for):
-    --input PATH               the text to tokenise, for the Shakespeare datasets
+    --input PATH               the text to tokenise, for text and the Shakespeare datasets
     SHAKESPEARE_INPUT=PATH     environment variable: the default for --input, e.g. Tiny
                                Shakespeare's input.txt; the tests that need the real file read it
     TIKTOKEN_CACHE_DIR=FOLDER  tiktoken's own variable: a folder holding its cached GPT-2 BPE file
@@ -53,6 +64,10 @@ SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/d
                    'tinyshakespeare/input.txt')
 TOKENIZER = 'r50k_base'  # byte-for-byte the GPT-2 vocabulary
 GPT2_META = {'vocab_size': 50257, 'tokenizer': TOKENIZER}  # what a folder without meta.pkl holds
+TOKENIZER_ALIASES = {'gpt2': TOKENIZER}  # --tokenizer gpt2: tiktoken's "gpt2" loads other files
+# tiktoken encodings too large for uint16 ids, by size: known without downloading them
+TOO_LARGE = {'cl100k_base': 100277, 'o200k_base': 200019, 'o200k_harmony': 201088}
+MIN_TOKENS = 65  # text: each split needs more than one block of 64 tokens (nanoGPT's smallest)
 MARKER = '.preparing'  # in a folder while it is being written: written first, removed last
 TEMP_NAME = re.compile(r'\..+\.(\d+)\.tmp')  # atomic_path's temp files: .<name>.<pid>.tmp
 
@@ -145,7 +160,22 @@ def read_meta(data_dir):
     if not isinstance(meta, dict) or 'vocab_size' not in meta:
         raise PrepareError(f'{path} holds no vocab_size, so it is no meta.pkl of prepare_data.py: '
                            f'prepare the dataset again')
+    tokenizer_name(meta, path)  # names its tokenizer, or stops here
     return meta
+
+
+def tokenizer_name(meta, where='meta.pkl'):
+    """What a vocabulary's ids mean, the one rule: 'char' where it has a character table ('stoi',
+    also nanoGPT's folders), 'mqar' for MQAR's ids, else the tokenizer it names (a tiktoken
+    encoding). A meta with none of them is a PrepareError: its ids would be guessed."""
+    if 'stoi' in meta:
+        return 'char'
+    if 'mqar' in meta:  # MQAR folders prepared before meta.pkl named its tokenizer
+        return 'mqar'
+    if 'tokenizer' not in meta:
+        raise PrepareError(f"{where} names no tokenizer (no 'stoi' and no 'tokenizer' key), so its "
+                           f"ids cannot be decoded: prepare the dataset again with prepare_data.py")
+    return meta['tokenizer']
 
 
 def start_writing(out_dir):
@@ -219,24 +249,41 @@ def prepare_shakespeare_char(out_dir, input_path=None, **kw):
         raise PrepareError(f'{len(chars)} distinct characters do not fit uint16 token ids: '
                            f'use the BPE dataset')
     stoi = {ch: i for i, ch in enumerate(chars)}
-    itos = {i: ch for i, ch in enumerate(chars)}
     print(f'{len(text):,} characters, vocab size {len(chars)}')
     start_writing(out_dir)
     for split, part in zip(('train', 'val'), split_text(text)):
         write_bin(out_dir / f'{split}.bin', [stoi[ch] for ch in part])
-    finish_writing(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
+    finish_writing(out_dir, char_meta(stoi))
 
 
-def get_encoding():
-    """GPT-2's BPE. tiktoken reads its file from its cache (TIKTOKEN_CACHE_DIR, else a folder in
-    the temp dir), or downloads it there on first use."""
+def char_meta(stoi):
+    """The meta.pkl of a character vocabulary."""
+    itos = {i: ch for ch, i in stoi.items()}
+    return {'vocab_size': len(stoi), 'tokenizer': 'char', 'stoi': stoi, 'itos': itos}
+
+
+def get_encoding(name=TOKENIZER):
+    """A tiktoken encoding whose ids fit uint16 ('gpt2' is GPT-2's r50k_base). tiktoken reads its
+    file from its cache (TIKTOKEN_CACHE_DIR, else a folder in the temp dir), or downloads it there
+    on first use."""
     import tiktoken
+    name = TOKENIZER_ALIASES.get(name, name)
+    if name not in tiktoken.list_encoding_names():
+        raise PrepareError(f"unknown tokenizer {name!r}: use char, gpt2 or a tiktoken encoding "
+                           f"({', '.join(tiktoken.list_encoding_names())})")
+    if name in TOO_LARGE:
+        raise PrepareError(f'the tokenizer {name!r} has {TOO_LARGE[name]:,} ids, which do not fit '
+                           f'the uint16 files (at most 65,536): use char, gpt2 or p50k_base')
     try:
-        return tiktoken.get_encoding(TOKENIZER)
+        enc = tiktoken.get_encoding(name)
     except Exception as e:  # network errors surface as many types (requests, ssl, OSError)
-        raise PrepareError(f'could not load the tiktoken encoding {TOKENIZER!r} '
+        raise PrepareError(f'could not load the tiktoken encoding {name!r} '
                            f'({type(e).__name__}): go online once, or set TIKTOKEN_CACHE_DIR to a '
                            f'folder holding its cached file') from None
+    if enc.n_vocab > 2**16:  # an encoding newer than TOO_LARGE
+        raise PrepareError(f'the tokenizer {name!r} has {enc.n_vocab:,} ids, which do not fit the '
+                           f'uint16 files (at most 65,536): use char, gpt2 or p50k_base')
+    return enc
 
 
 def prepare_shakespeare(out_dir, input_path=None, **kw):
@@ -249,6 +296,42 @@ def prepare_shakespeare(out_dir, input_path=None, **kw):
         print(f'{split} has {len(ids):,} tokens')
         write_bin(out_dir / f'{split}.bin', ids)
     finish_writing(out_dir, {'vocab_size': enc.n_vocab, 'tokenizer': TOKENIZER})
+
+
+def prepare_text(out_dir, input_path=None, tokenizer='char', **kw):
+    """Any UTF-8 text file: characters (the text's own vocabulary) or a tiktoken encoding, 90% to
+    train and 10% to val. Every check comes before the first file is written."""
+    if input_path is None:
+        raise PrepareError('text needs --input FILE: the text file to tokenise')
+    if not Path(input_path).is_file():
+        raise PrepareError(f'--input {input_path} is not a file: pass the path of a text file')
+    try:
+        text = read_text(input_path)
+    except UnicodeDecodeError as e:
+        raise PrepareError(f'{input_path} is not UTF-8 text (byte {e.start}): pass a text file, '
+                           f'or convert it to UTF-8') from None
+    if tokenizer == 'char':
+        stoi = {ch: i for i, ch in enumerate(sorted(set(text)))}
+        if len(stoi) > 2**16:
+            raise PrepareError(f'{len(stoi)} distinct characters do not fit uint16 token ids: '
+                               f'use --tokenizer gpt2')
+        encode, meta = (lambda part: [stoi[ch] for ch in part]), char_meta(stoi)
+    else:
+        enc = get_encoding(tokenizer)
+        # ordinary: '<|endoftext|>' in the text is plain text, not a token
+        encode, meta = enc.encode_ordinary, {'vocab_size': enc.n_vocab, 'tokenizer': enc.name}
+    splits = [encode(part) for part in split_text(text)]
+    if len(splits[1]) < MIN_TOKENS:
+        raise PrepareError(f'{input_path} is too short: its val split (the last 10%) has '
+                           f'{len(splits[1])} tokens, and one block of 64 needs {MIN_TOKENS}; '
+                           f'use a longer text')
+    print(f'{len(text):,} characters, tokenizer {meta["tokenizer"]}, vocab size '
+          f'{meta["vocab_size"]:,}')
+    start_writing(out_dir)
+    for split, ids in zip(('train', 'val'), splits):
+        print(f'{split} has {len(ids):,} tokens')
+        write_bin(out_dir / f'{split}.bin', ids)
+    finish_writing(out_dir, meta)
 
 
 # -----------------------------------------------------------------------------
@@ -332,7 +415,6 @@ def prepare_shakespeare_char_passkey(out_dir, input_path=None, passkey_len=PASSK
     text = read_text(find_input(out_dir, input_path))
     chars = sorted(set(text) | PASSKEY_CHARS)
     stoi = {ch: i for i, ch in enumerate(chars)}
-    itos = {i: ch for i, ch in enumerate(chars)}
     encode = lambda s: [stoi[ch] for ch in s]  # noqa: E731
     if passkey_len < passkey_min_len(encode):  # checked before anything is written:
                                                # an old dataset stays intact
@@ -348,7 +430,7 @@ def prepare_shakespeare_char_passkey(out_dir, input_path=None, passkey_len=PASSK
         print(f'{split} has {len(ids):,} tokens, '
               f'{len(ids) - len(part):,} of them in passkey samples')
         write_bin(out_dir / f'{split}.bin', ids)
-    finish_writing(out_dir, {'vocab_size': len(chars), 'stoi': stoi, 'itos': itos})
+    finish_writing(out_dir, char_meta(stoi))
 
 
 # -----------------------------------------------------------------------------
@@ -504,7 +586,7 @@ def prepare_mqar(out_dir, seq_len, pairs, vocab, train_samples=MQAR_TRAIN_SAMPLE
     setting = dict(seq_len=seq_len, pairs=pairs, filler=MQAR_FILLER, keys=(1, vocab // 2),
                    values=(vocab // 2, vocab), seed=seed, train_samples=train_samples,
                    val_samples=val_samples)
-    finish_writing(out_dir, {'vocab_size': vocab, 'mqar': setting})
+    finish_writing(out_dir, {'vocab_size': vocab, 'tokenizer': 'mqar', 'mqar': setting})
 
 
 def read_mqar(data_dir, split, seq_len):
@@ -522,6 +604,7 @@ def read_mqar(data_dir, split, seq_len):
 # -----------------------------------------------------------------------------
 
 DATASETS = {
+    'text': prepare_text,
     'shakespeare_char': prepare_shakespeare_char,
     'shakespeare': prepare_shakespeare,
     'shakespeare_char_passkey': prepare_shakespeare_char_passkey,
@@ -530,15 +613,22 @@ DATASETS = {
 
 
 def preparable(name):
-    """Whether prepare(name) writes data/<name>/: a name of DATASETS, or an MQAR setting's."""
-    return name in DATASETS or MQAR_NAME.fullmatch(name) is not None
+    """Whether prepare(name) writes data/<name>/: a name of DATASETS (but text, which needs its
+    file), or an MQAR setting's."""
+    return (name in DATASETS and name != 'text') or MQAR_NAME.fullmatch(name) is not None
 
 
-def prepare(name, input_path=None, out_dir=None, **kw):
+def prepare(name, input_path=None, out_dir=None, tokenizer=None, **kw):
     """Write train.bin, val.bin and meta.pkl for dataset `name` into out_dir (default
-    data/<name>/); return it. 'mqar' with seq_len, pairs and vocab in kw is the dataset named
-    after them, mqar_name(); that name says them all, so train.py --dataset=mqar_T64_N8_V256
-    prepares it on first use."""
+    data/<name>/, for text data/<the input's file name without its extension>/); return it.
+    'mqar' with seq_len, pairs and vocab in kw is the dataset named after them, mqar_name(); that
+    name says them all, so train.py --dataset=mqar_T64_N8_V256 prepares it on first use."""
+    if tokenizer is not None:
+        if name != 'text':
+            raise PrepareError(f'--tokenizer is for the text dataset ({name} has its own)')
+        kw['tokenizer'] = tokenizer
+    if name == 'text' and out_dir is None and input_path is not None:
+        out_dir = REPO / 'data' / Path(input_path).stem
     setting = MQAR_NAME.fullmatch(name)
     if name == 'mqar':
         kw = {'seq_len': MQAR_SEQ_LEN, 'pairs': MQAR_PAIRS, 'vocab': MQAR_VOCAB, **kw}
@@ -558,11 +648,15 @@ def prepare(name, input_path=None, out_dir=None, **kw):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description='Tokenise a dataset into train.bin, val.bin and meta.pkl.')
-    parser.add_argument('name', help=f'{", ".join(DATASETS)}, mqar (its setting from --seq_len, '
-                        f'--pairs, --vocab) or a setting\'s name, e.g. mqar_T64_N8_V256')
-    parser.add_argument('--input', help='text file to use (Shakespeare sets; default: '
-                        '$SHAKESPEARE_INPUT, else <out_dir>/input.txt, else downloaded there)')
-    parser.add_argument('--out_dir', help='output folder (default: data/<name>/ in the repo; mqar: '
+    parser.add_argument('name', help=f'{", ".join(DATASETS)} (text: any text file, --input FILE), '
+                        f'mqar (its setting from --seq_len, --pairs, --vocab) or a setting\'s '
+                        f'name, e.g. mqar_T64_N8_V256')
+    parser.add_argument('--input', help='text file to use (text: needed; Shakespeare sets: '
+                        'default $SHAKESPEARE_INPUT, else <out_dir>/input.txt, else downloaded)')
+    parser.add_argument('--tokenizer', help='text: char (default), gpt2 (GPT-2 BPE) or a tiktoken '
+                        'encoding whose ids fit uint16, e.g. p50k_base')
+    parser.add_argument('--out_dir', help='output folder (default: data/<name>/ in the repo; text: '
+                        'data/<file name without extension>/; mqar: '
                         'data/mqar_T<seq_len>_N<pairs>_V<vocab>/)')
     parser.add_argument('--max_docs', type=int, help='openwebtext: use only the first N documents')
     parser.add_argument('--num_proc', type=int,
@@ -579,9 +673,9 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=MQAR_SEED, help='mqar: the seed of both splits')
     args = parser.parse_args(argv)
     try:
-        out_dir = prepare(args.name, args.input, args.out_dir, max_docs=args.max_docs,
-                          num_proc=args.num_proc, seq_len=args.seq_len, pairs=args.pairs,
-                          vocab=args.vocab, train_samples=args.train_samples,
+        out_dir = prepare(args.name, args.input, args.out_dir, args.tokenizer,
+                          max_docs=args.max_docs, num_proc=args.num_proc, seq_len=args.seq_len,
+                          pairs=args.pairs, vocab=args.vocab, train_samples=args.train_samples,
                           val_samples=args.val_samples, seed=args.seed)
     except PrepareError as e:
         print(f'prepare_data.py: error: {e}', file=sys.stderr)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from checkpoint import autocast_context, load_model
+from checkpoint import autocast_context, load_model, load_tokenizer
 from configurator import configure_or_exit, die
 
 # -----------------------------------------------------------------------------
@@ -43,41 +43,18 @@ DEFAULTS = {k: v for k, v in globals().items()
 
 
 def tokenizer(meta):
-    """-> (encode: text -> ids, decode_stream: ids -> text pieces, the prompt for an empty one)."""
-    if 'mqar' in meta:
-        die("an MQAR model reads ids, not text: score it with eval_long.py --mode=mqar", status=2)
-    if 'stoi' in meta:  # characters
-        stoi, itos = meta['stoi'], meta['itos']
-
-        def encode(text):
-            unknown = sorted(set(text) - set(stoi))
-            if unknown:
-                die(f"the prompt has characters that are not in the model's vocabulary of "
-                    f"{len(stoi)}: {', '.join(map(repr, unknown))}; remove or replace them")
-            return [stoi[c] for c in text]
-
-        def decode_stream(ids):
-            for i in ids:
-                yield itos[i]
-
-        return encode, decode_stream, '\n'
-
-    import prepare_data  # GPT-2 BPE: prepare_data finds tiktoken's cached file on offline machines
-    enc = prepare_data.get_encoding()
-
-    def encode(text):
-        return enc.encode(text, allowed_special={'<|endoftext|>'})
+    """-> (encode: text -> ids, decode_stream: ids -> text pieces, the prompt for an empty one), by
+    checkpoint.load_tokenizer's rule. A token can end in the middle of a UTF-8 character (BPE): its
+    bytes wait in an incremental decoder until the character is complete."""
+    name, encode, token_bytes = load_tokenizer(meta)  # MQAR's ids, no tokenizer named: one line
 
     def decode_stream(ids):
-        """A BPE token can end in the middle of a UTF-8 character: its bytes wait in an incremental
-        decoder until the character is complete, so the pieces join to exactly enc.decode(ids)."""
         utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')
         for i in ids:
-            if i < enc.n_vocab:  # ids past the 50257 real tokens only pad the vocabulary
-                yield utf8.decode(enc.decode_single_token_bytes(i))
+            yield utf8.decode(token_bytes(i))
         yield utf8.decode(b'', final=True)
 
-    return encode, decode_stream, '<|endoftext|>'
+    return encode, decode_stream, '\n' if name == 'char' else '<|endoftext|>'
 
 
 def record(tokens, new_ids, times):

@@ -17,7 +17,25 @@ torchrun restart continues; any other command stops with one line, unless --over
 Each micro-batch (its data and its dropout masks) is a function of (seed, iteration, micro-step)
 alone, so a run is reproducible, a resumed run continues exactly like an uninterrupted one, and DDP
 over N processes computes the same steps as one process with the same gradient_accumulation_steps.
+
+What out_dir holds:
+  ckpt.pt    always_save_checkpoint=True: the state at the last evaluation. False (nanoGPT's best
+             checkpoint): the state with the best validation loss seen; nothing worse replaces it
+  last.pt    always_save_checkpoint=False only: the state at the last evaluation when it is worse
+             than ckpt.pt, so that a resumed or re-run command continues where the run was (the
+             later of the two, checkpoint.resume_path); removed when a new best is written
+  log.jsonl  one JSON object per line, from the master process: every logged iteration
+             {"iter", "kind": "train", "loss", "lr", "tokens_per_s", "elapsed_s"} and every
+             evaluation {"iter", "kind": "eval", "train_loss", "val_loss", "lr", "elapsed_s"};
+             elapsed_s counts from the run's start, over resumes. A resumed run drops the records
+             from its checkpoint's iteration on (those of an attempt that died) and appends.
+             eval_only writes nothing. eval_long.py --mode=curves plots it
+compile: on by default where a CUDA GPU is found (the device default), off on a CPU or a Mac (MPS),
+where it costs more than it saves; when torch.compile cannot compile the model (no C compiler,
+Windows), one line says so and the run continues uncompiled.
 """
+import errno
+import json
 import math
 import os
 import sys
@@ -33,7 +51,7 @@ from tqdm import tqdm
 import prepare_data
 from checkpoint import (GPT2_META, DiskFull, autocast_context, build_model, checkpoint_path,
                         data_folder, dataset_meta, load_checkpoint, load_gpt2,
-                        prepare_dataset, write_checkpoint)
+                        prepare_dataset, resume_path, write_checkpoint)
 from configurator import configure_or_exit, die
 from model import GPT, GPTConfig, check_config
 
@@ -45,7 +63,7 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_only = False  # evaluate once and exit
-always_save_checkpoint = True  # False: save only when val loss improves (and always at the end)
+always_save_checkpoint = True  # False: ckpt.pt keeps the best val loss (later states: last.pt)
 init_from = 'scratch'  # 'scratch' | 'resume' | a checkpoint file or folder | 'gpt2*' (see above)
 init_hint = ''  # the command that makes the init_from checkpoint: named when it is missing
 auto_resume = True  # out_dir holds this run's checkpoint (same config): resume it
@@ -96,7 +114,7 @@ backend = 'auto'  # DDP backend: auto = 'nccl' on GPUs, 'gloo' on CPUs
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', 'mps'
 dtype = 'auto'  # 'float32' | 'bfloat16' | 'float16' (GradScaler); auto: bfloat16 where the GPU
                 # has it, else float16 on a GPU, float32 on a CPU
-compile = True  # torch.compile the model (PyTorch 2)
+compile = torch.cuda.is_available()  # torch.compile the model (PyTorch 2): default on with CUDA
 seed = 1337  # the initial weights; with (iteration, micro-step) the data and dropout of a batch
 on_nonfinite = 'stop'  # a nan/inf loss: 'stop' (the last checkpoint stays) or 'skip' the step
 check_sync = False  # DDP: compare the weights' checksums across processes after every step
@@ -220,7 +238,7 @@ def same_run_differences(saved):
 
 
 # No lost runs: a checkpoint in out_dir decides how this run starts, before init_from does
-own_checkpoint = os.path.join(out_dir, 'ckpt.pt')
+own_checkpoint = resume_path(out_dir)  # ckpt.pt, or last.pt when it is later (see the top)
 if init_from != 'resume' and not eval_only and os.path.isfile(own_checkpoint):
     saved_run = load_checkpoint(own_checkpoint)
     differ = same_run_differences(saved_run.get('config', {}))
@@ -247,6 +265,8 @@ from_gpt2 = init_from.startswith('gpt2') and not os.path.exists(init_from)
 position_table = 1024 if from_gpt2 else None  # rows of the position table we start from
 if init_from != 'scratch' and not from_gpt2:
     ckpt_path = checkpoint_path(init_from, out_dir)
+    if init_from == 'resume':  # ckpt.pt, or last.pt when it is later (see the top)
+        ckpt_path = resume_path(out_dir)
     if not os.path.isfile(ckpt_path):
         make = "train one first, or use --init_from=scratch"
         if init_hint:
@@ -314,17 +334,25 @@ for split in ('train', 'val'):
 
 def vocabulary(meta):
     """What a meta.pkl's ids mean, in words: a character table, MQAR's ids, or a BPE tokenizer."""
-    if 'stoi' in meta:
+    name = prepare_data.tokenizer_name(meta)
+    if name == 'char':
         return f"{meta['vocab_size']} characters"
-    if 'mqar' in meta:
+    if name == 'mqar':
         return f"MQAR's {meta['vocab_size']} ids"
-    return f"the {meta.get('tokenizer')} BPE"
+    return f"the {name} BPE"
+
+
+def ids_meaning(meta):
+    """What decides what a vocabulary's ids mean: its tokenizer, character table and size."""
+    try:
+        return prepare_data.tokenizer_name(meta), meta.get('stoi'), meta['vocab_size']
+    except prepare_data.PrepareError as e:  # a checkpoint whose meta names no tokenizer
+        die(e, status=2)
 
 
 if checkpoint is not None or from_gpt2:  # the ids must mean what they meant in training
     trained_meta = checkpoint['meta'] if checkpoint is not None else GPT2_META
-    trained = (trained_meta.get('stoi'), trained_meta.get('tokenizer'), trained_meta['vocab_size'])
-    if (meta.get('stoi'), meta.get('tokenizer'), meta['vocab_size']) != trained:
+    if ids_meaning(meta) != ids_meaning(trained_meta):
         die(f"dataset {dataset!r} has another vocabulary ({vocabulary(meta)}) than the model of "
             f"{init_from} was trained on ({vocabulary(trained_meta)}): use that model's dataset, "
             f"or train from scratch", status=2)
@@ -410,10 +438,34 @@ if init_from == 'resume':
     best_val_loss = checkpoint['best_val_loss']
 checkpoint = None  # free up memory
 
+
+
+def compiled(model):
+    """torch.compile(model), tried at once on one micro-batch, forward and backward (where the
+    compiling happens); when it cannot compile (no C compiler, Windows, MPS), one line says so and
+    the model itself comes back. The trial leaves no trace: its gradients are dropped, its batch
+    has a generator of its own, and every micro-batch of training seeds its own dropout."""
+    try:
+        compiled_model = torch.compile(model)
+        X, Y = get_batch('train', torch.Generator().manual_seed(seed))
+        with ctx:
+            _, loss = compiled_model(X, Y)
+        loss.backward()
+    except Exception as e:  # a missing compiler, a backend's error, ...: many types
+        e = getattr(e, 'inner_exception', e)  # a backend's error, as dynamo passes it on
+        why = (str(e).strip().splitlines() or [''])[0][:160]
+        log(f"torch.compile cannot compile the model here ({type(e).__name__}: {why}): training "
+            f"continues uncompiled (--compile=False skips the attempt)")
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    return compiled_model
+
+
 raw_model = model  # the plain module: what is saved, without torch.compile's and DDP's prefixes
 if compile:
     log("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)
+    model = compiled(raw_model)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
@@ -475,9 +527,10 @@ def check_in_sync():
                  f"{out_dir}/ckpt.pt is left as it was")
 
 
-def save_checkpoint():
-    """Everything needed to resume exactly (nanoGPT's keys), the GradScaler, and the vocabulary;
-    written atomically. -> '' or, when the disk is full, the one line that says so."""
+def save_checkpoint(name):
+    """Everything needed to resume exactly (nanoGPT's keys), the GradScaler, and the vocabulary,
+    to out_dir/name (ckpt.pt or last.pt, see the top); written atomically, after the log's records
+    reach the disk. -> '' or, when the disk is full, the one line that says so."""
     checkpoint = {
         'model': raw_model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -489,13 +542,71 @@ def save_checkpoint():
         'meta': meta,
     }
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, 'ckpt.pt')
+    path = os.path.join(out_dir, name)
     print(f"saving checkpoint to {path}")
     try:
+        if log_file is not None:
+            os.fsync(log_file.fileno())
         write_checkpoint(checkpoint, path)
     except DiskFull as e:
         return f"{e.strerror}; free some space and resume with the same command"
+    last = os.path.join(out_dir, 'last.pt')
+    if name == 'ckpt.pt' and os.path.exists(last):  # the best is the latest: last.pt is stale
+        os.remove(last)
     return ''
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+log_file = None  # opened at the first record
+log_failure = ''  # the one line of a full disk while logging
+elapsed_before = 0.0  # the run's seconds before this process: the last kept record's
+
+
+def open_log(start):
+    """out_dir/log.jsonl, open to append, holding the records of the iterations before `start`
+    (this run's first iteration) only: later ones, and a line cut short, are from an attempt
+    that died after its last checkpoint, and this run writes them again."""
+    global elapsed_before
+    kept, dropped = [], False
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    keep = line.endswith('\n') and rec['iter'] < start
+                except (ValueError, KeyError, TypeError):
+                    keep = False
+                if keep:
+                    kept.append(line)
+                    elapsed_before = rec['elapsed_s']
+                dropped = dropped or not keep
+    if dropped:
+        with prepare_data.atomic_path(log_path) as tmp, open(tmp, 'w') as f:
+            f.writelines(kept)
+    return open(log_path, 'a')
+
+
+def record(**fields):
+    """Append one record to log.jsonl, on the master process (not with eval_only). A full disk
+    stops the run as a failed checkpoint does: at once, or under DDP at the next evaluation, where
+    every process learns of it."""
+    global log_file, log_failure
+    if not master_process or eval_only or log_failure:
+        return
+    try:
+        if log_file is None:
+            os.makedirs(out_dir, exist_ok=True)
+            log_file = open_log(first_iter)
+        fields['elapsed_s'] = round(elapsed_before + time.time() - t_start, 3)
+        log_file.write(json.dumps(fields) + '\n')
+        log_file.flush()
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        log_failure = (f"the disk is full: {log_path} was not written (the checkpoint there is "
+                       f"intact); free some space and resume with the same command")
+        if not ddp:
+            stop_all(log_failure)
 
 
 def agree(message):
@@ -518,6 +629,7 @@ if wandb_log and master_process:
 # training loop: iter_num counts the optimizer steps taken so far
 log(f"MFU is per GPU, relative to peak_tflops={peak_tflops:g} TFLOP/s (default: A100 bf16); set "
     f"--peak_tflops for your hardware")
+first_iter, t_start = iter_num, time.time()  # for log.jsonl
 local_iter_num = 0  # iterations in this process, to skip the first few in the MFU average
 running_mfu = -1.0
 skipped_steps = 0  # float16: optimizer steps that the GradScaler skipped (overflowed gradients)
@@ -534,14 +646,18 @@ while True:
             losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}")
+            record(iter=iter_num, kind='eval', train_loss=losses['train'], val_loss=losses['val'],
+                   lr=lr)
             if wandb_log:
                 wandb.log({'iter': iter_num, 'train/loss': losses['train'],
                            'val/loss': losses['val'], 'lr': lr, 'mfu': running_mfu * 100})
-            better = losses['val'] < best_val_loss
-            if iter_num > 0 and not eval_only and math.isfinite(losses['val']) and (
-                    better or always_save_checkpoint or iter_num == max_iters):
+            if iter_num > 0 and not eval_only and math.isfinite(losses['val']) and not log_failure:
+                better = losses['val'] < best_val_loss
                 best_val_loss = min(best_val_loss, losses['val'])
-                failure = save_checkpoint()
+                # the best weights stay in ckpt.pt; a worse state goes to last.pt, to resume from
+                failure = save_checkpoint('ckpt.pt' if better or always_save_checkpoint
+                                          else 'last.pt')
+            failure = log_failure or failure
         failure = agree(failure)
         if failure:
             stop_all(failure)
@@ -596,6 +712,8 @@ while True:
         mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"  # from iteration 5
         print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
               f"{tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu_text}")
+        record(iter=iter_num, kind='train', loss=lossf, lr=lr,
+               tokens_per_s=round(tokens_per_iter / dt))
     iter_num += 1
     local_iter_num += 1
 

@@ -45,7 +45,7 @@ def load(out_dir):
 def test_char_vocab_round_trips(tmp_path, text_file):
     out_dir = prepare('shakespeare_char', input_path=text_file, out_dir=tmp_path / 'out')
     train, val, meta = load(out_dir)
-    assert set(meta) == {'vocab_size', 'stoi', 'itos'}
+    assert set(meta) == {'vocab_size', 'tokenizer', 'stoi', 'itos'} and meta['tokenizer'] == 'char'
     assert meta['vocab_size'] == len(set(TEXT)) == len(meta['stoi'])
     assert list(meta['stoi']) == sorted(set(TEXT))
     assert all(meta['itos'][i] == ch for ch, i in meta['stoi'].items())

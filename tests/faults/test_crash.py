@@ -164,6 +164,11 @@ def test_killed_training_always_leaves_a_checkpoint_that_resumes_exactly(
     assert runner.wait(pid) == 0, (tmp_path / 'last.log').read_text()
     assert_same_state(load(out / 'ckpt.pt'), load(tmp_path / 'ref' / f'ckpt_{M}.pt'))
     resumes += 1
+    # the loss log holds every iteration and evaluation once: what a killed run logged past its
+    # last checkpoint, a line cut short included, was dropped by the next run
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert [(r['iter'], r['kind']) for r in log] == [
+        (i, kind) for i in range(M + 1) for kind in ('eval', 'train') if i < M or kind == 'eval']
     print(f"\n{kills} kills ({write_kills} in the middle of a checkpoint write), "
           f"{resumes} resumes verified against the uninterrupted run, "
           f"resumed from iteration {k} to {M}")

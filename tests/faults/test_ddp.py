@@ -76,7 +76,8 @@ def test_only_rank_0_logs_and_writes_checkpoints(runs):
         assert streams[0][1] == ''
     # 2 processes x 1 micro-batch x 4 x 32 tokens
     assert 'tokens per iteration will be: 256' in first[0][0]
-    assert sorted(os.listdir(tmp / 'ddp')) == ['ckpt.pt'] and ckpt_n['iter_num'] == N
+    # and rank 0 alone writes the loss log (issue 23)
+    assert sorted(os.listdir(tmp / 'ddp')) == ['ckpt.pt', 'log.jsonl'] and ckpt_n['iter_num'] == N
 
 
 def test_resume_under_torchrun_continues_from_the_checkpoint(runs):

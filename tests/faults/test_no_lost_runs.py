@@ -1,5 +1,6 @@
 """No lost runs: a checkpoint in out_dir is resumed by its own command and never overwritten by
 another one; torchrun's elastic restarts resume on their own; a full disk loses nothing."""
+import json
 import os
 import signal
 import subprocess
@@ -77,9 +78,28 @@ def test_a_full_disk_keeps_the_previous_checkpoint(char_data, tmp_path):
               script='tests/faults/worker_faults.py', env={'DISK_FULL_AT': '2'}, expect_ok=False)
     line = one_line_error(r, 1)
     assert line.startswith("train.py: error: the disk is full: out/ckpt.pt was not written")
-    assert os.listdir(tmp_path / 'out') == ['ckpt.pt']  # the partial temp file is gone
+    # the partial temp file is gone (log.jsonl: train.py's loss log, issue 23)
+    assert sorted(os.listdir(tmp_path / 'out')) == ['ckpt.pt', 'log.jsonl']
     assert load(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 2
     assert 'iter 4:' not in r.stdout  # it stopped at the failed write
+
+
+def test_a_full_disk_while_logging_stops_the_same_way(char_data, tmp_path):
+    """The 6th record of log.jsonl (iteration 3's) is cut short by a full disk: one line, the
+    checkpoint of iteration 2 intact; the same command then resumes, and the log holds every
+    record once."""
+    r = train(tmp_path, f'--dataset={char_data}', '--out_dir=out', '--max_iters=6',
+              script='tests/faults/worker_faults.py', env={'LOG_FULL_AT': '6'}, expect_ok=False)
+    line = one_line_error(r, 1)
+    assert line == ("train.py: error: the disk is full: out/log.jsonl was not written (the "
+                    "checkpoint there is intact); free some space and resume with the same command")
+    assert sorted(os.listdir(tmp_path / 'out')) == ['ckpt.pt', 'log.jsonl']
+    assert load(tmp_path / 'out' / 'ckpt.pt')['iter_num'] == 2 and 'iter 4:' not in r.stdout
+    train(tmp_path, f'--dataset={char_data}', '--out_dir=out', '--max_iters=6')
+    log = [json.loads(line) for line in (tmp_path / 'out' / 'log.jsonl').read_text().splitlines()]
+    assert [(rec['iter'], rec['kind']) for rec in log] == [
+        (0, 'eval'), (0, 'train'), (1, 'train'), (2, 'eval'), (2, 'train'), (3, 'train'),
+        (4, 'eval'), (4, 'train'), (5, 'train'), (6, 'eval')]
 
 
 def torchrun(tmp, *args, restarts=0, env=None):
