@@ -11,6 +11,10 @@ written by train.py (docs/attention.md sections 5, 6, 9 and 10):
            of an MQAR dataset: the share of queries whose value is the argmax, and the loss there
   curves   the training and validation loss curves of runs, read from the log.jsonl train.py
            writes beside each ckpt.pt: a table and, with --plot, one PNG to compare them
+  gain     which tokens gain from a long context: every validation token scored with its long
+           context (up to the model's window) and with only the last --short tokens; the mean
+           gain, and the gain of the tokens that gain most, chosen on one half of the split and
+           reported on the other
   heads    why a model recalls or not: per block and head, the attention weight on the previous
            token (a previous-token head, the first half of an induction head) and, on MQAR, on the
            value a query must fetch; and a linear probe of the initial states s for the previous
@@ -24,6 +28,7 @@ written by train.py (docs/attention.md sections 5, 6, 9 and 10):
     python eval_long.py --ckpt=out-mqar,out-inattn-mqar --mode=heads
     python eval_long.py --ckpt=out-shakespeare-char,out-inattn-shakespeare-char --mode=curves \
         --plot=curves.png
+    python eval_long.py --ckpt=out-long,out-inattn-long --mode=gain --short=64
 
 Several checkpoints (comma-separated) are compared side by side on the same windows and the
 same keys. The loss windows start every --stride tokens (default: the bucket width) over
@@ -60,14 +65,17 @@ defaults = dict(
                              # 'curves' (loss curves from each run's log.jsonl)
     dataset='',              # loss, mqar: validation data; '' = each checkpoint's own dataset
     context=0,               # loss: window length in tokens; 0 = the first checkpoint's block_size
-    bucket=0,                # loss: positions per bucket; 0 = context // 8
+    bucket=0,                # loss: positions per bucket; 0 = context // 8;
+                             # mqar: distance per bucket; 0 = 64
     stride=0,                # loss: tokens between window starts;
                              # 0 = the bucket width (see loss_by_position)
     offset=0,                # loss: read the windows at positions offset.. (empty context
                              # before them): later positions, the same context
-    windows=0,               # loss: at most this many windows from
+    short=64,                # gain: the short context, in tokens
+    windows=0,               # loss, gain: at most this many windows from
                              # the start of val.bin; 0 = all that fit
     plot='',                 # loss: write the loss-by-position curves to this PNG;
+                             # mqar: accuracy by distance;
                              # heads: the attention maps of the first sequence;
                              # curves: the runs' train and val loss curves
     mark=0,                  # loss: draw a vertical line at this position
@@ -173,6 +181,66 @@ def loss_by_position(model, data, context, stride, windows, batch_size, device='
         loss = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction='none')  # (B, T)
         total += loss.sum(0).cpu()  # (T,)
     return total / len(ix)
+
+
+@torch.no_grad()
+def token_losses(model, data, context, short, windows, batch_size, device='cpu'):
+    """-> (index, long, short_loss), (n,) each: for the tokens data[index], the loss read with a
+    long context and with only the `short` tokens before each. Long: windows of `context` tokens
+    every context - short tokens, each scoring its positions short .. context-1, so every token
+    is scored once, with short to context-1 tokens before it. Short: the `short` tokens before
+    the token read as a window of their own, at positions 0 .. short-1 (the position-0 anchor
+    kept, as in training). Tokens with fewer than `short` tokens before them are left out."""
+    if len(data) <= context:
+        raise ValueError(f"the validation data has {len(data)} tokens, "
+                         f"too few for context={context}")
+    tokens = lambda a, b: torch.from_numpy(data[a:b].astype(np.int64))  # noqa: E731
+    starts = window_starts(len(data), context, context - short, windows)
+    index, long = [], []
+    for i in tqdm(range(0, len(starts), batch_size), desc='long context', leave=False,
+                  disable=None):
+        js = starts[i:i + batch_size].tolist()
+        x = torch.stack([tokens(j, j + context) for j in js]).to(device)
+        y = torch.stack([tokens(j + 1, j + 1 + context) for j in js]).to(device)
+        logits, _ = model(x, y)  # (B, T, V)
+        loss = F.cross_entropy(logits.transpose(1, 2), y, reduction='none')  # (B, T)
+        long.append(loss[:, short - 1:-1].reshape(-1).cpu())  # predicting data[j + short ..]
+        index += [j + t for j in js for t in range(short, context)]
+    index = torch.tensor(index)
+    short_loss = []
+    for i in tqdm(range(0, len(index), batch_size * 8), desc='short context', leave=False,
+                  disable=None):
+        ts = index[i:i + batch_size * 8].tolist()
+        x = torch.stack([tokens(t - short, t) for t in ts]).to(device)
+        y = torch.stack([tokens(t - short + 1, t + 1) for t in ts]).to(device)
+        logits, _ = model(x, y)
+        short_loss.append(F.cross_entropy(logits[:, -1], y[:, -1], reduction='none').cpu())
+    return index, torch.cat(long), torch.cat(short_loss)
+
+
+def split_half_gain(keys, gain, fraction, min_count=5):
+    """Selection on one half, report on the other. keys (n,) label each token (its bigram),
+    gain (n,) its loss with the short context minus with the long. On the first half of the
+    tokens, the keys seen at least min_count times are ranked by their mean gain, and the best
+    are taken until they cover `fraction` of that half's tokens. -> (gain on the second half's
+    tokens of those keys, their share of the second half, in-sample gain on the first half,
+    the keys best first). Picking the top tokens and scoring them on the same tokens would make
+    any noise look like a gain; on the other half only a real one remains."""
+    half = len(keys) // 2
+    a_keys, a_gain, b_keys, b_gain = keys[:half], gain[:half], keys[half:], gain[half:]
+    found, inverse, counts = np.unique(a_keys, return_inverse=True, return_counts=True)
+    means = np.bincount(inverse, weights=a_gain) / counts
+    order = [i for i in np.argsort(-means) if counts[i] >= min_count]
+    chosen, covered = [], 0
+    for i in order:
+        if covered >= fraction * half:
+            break
+        chosen.append(found[i])
+        covered += counts[i]
+    a_in, b_in = np.isin(a_keys, chosen), np.isin(b_keys, chosen)
+    if not chosen:
+        return float('nan'), 0.0, float('nan'), chosen
+    return b_gain[b_in].mean(), b_in.mean(), a_gain[a_in].mean(), chosen
 
 
 def buckets(per_position, width):
@@ -336,6 +404,35 @@ def mqar_recall(model, tokens, targets, batch_size, device='cpu'):
     return right / queries, loss / queries
 
 
+def query_distances(tokens, targets, pairs):
+    """(samples, T) int: at each recall position, how far the query comes after the value it
+    must fetch (query position - the value's position, which is right after the key's place in
+    the pairs); -1 at every other position."""
+    keys = tokens[:, 0:2 * pairs:2]  # (n, N)
+    first = (tokens[:, :, None] == keys[:, None, :]).argmax(-1)  # (n, T): the key's pair index
+    distance = np.arange(tokens.shape[1])[None, :] - (2 * first + 1)
+    return np.where(targets != -1, distance, -1)
+
+
+@torch.no_grad()
+def mqar_by_distance(model, tokens, targets, pairs, width, batch_size, device='cpu'):
+    """-> [(lo, hi, accuracy, queries)]: MQAR accuracy of the queries whose distance to their
+    value (query_distances) lies in [lo, hi), buckets of `width` tokens, empty buckets left out."""
+    distance = query_distances(tokens, targets, pairs)
+    right = np.zeros(tokens.shape, dtype=bool)
+    for i in range(0, len(tokens), batch_size):
+        x = torch.from_numpy(tokens[i:i + batch_size].astype(np.int64)).to(device)
+        logits, _ = model(x, x)  # (B, T, V) at every position
+        y = torch.from_numpy(targets[i:i + batch_size].astype(np.int64)).to(device)
+        right[i:i + batch_size] = (logits.argmax(-1) == y).cpu().numpy()
+    rows = []
+    for lo in range(0, tokens.shape[1], width):
+        at = (distance >= lo) & (distance < lo + width)
+        if at.any():
+            rows.append((lo, lo + width, right[at].mean(), int(at.sum())))
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # Heads: can this model build an induction head? (docs/attention.md section 9)
 
@@ -422,6 +519,27 @@ def head_report(model, x, at, recall=None):
     return result
 
 
+def plot_by_distance(by_distance, path):
+    """by_distance: name -> [(lo, hi, accuracy, queries)], drawn as accuracy against distance."""
+    import matplotlib
+    matplotlib.use('Agg')  # no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in by_distance.items():
+        ax.plot([(lo + hi - 1) / 2 for lo, hi, _, _ in rows], [100 * a for _, _, a, _ in rows],
+                marker='o', label=os.path.basename(name))
+    ax.set_xlabel('distance from the query back to its value (tokens, bucket centres)')
+    ax.set_ylabel('MQAR accuracy %')
+    ax.set_ylim(0, 101)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed
+    fig.savefig(tmp, dpi=130, format='png')
+    plt.close(fig)
+    os.replace(tmp, path)
+    print(f'wrote {path}')
+
+
 def plot_heads(maps, path):
     """maps: name -> the attention maps of one sequence (None for a block without softmax heads),
     drawn as one row of (T, T) images per checkpoint, a panel per block and head."""
@@ -476,13 +594,64 @@ def head_inputs(ckpt, dataset, sequences, block_size):
     return x, at, None
 
 
+def decoder(meta):
+    """token ids -> text in the checkpoint's vocabulary (characters or GPT-2's BPE)."""
+    if 'stoi' in meta:
+        return lambda ids: ''.join(meta['itos'][i] for i in ids)
+    return prepare_data.get_encoding().decode
+
+
+def print_gain(models, cfg):
+    """--mode=gain: the table of token_losses and split_half_gain, and the tokens behind it."""
+    short = cfg['short']
+    print(f"\ngain from context: loss with only the last {short} tokens minus loss with the long "
+          f"context (nats; > 0: the long context helps). Top tokens: the bigrams (previous token, "
+          f"token) of largest mean gain on the first half of the split, seen >= 5 times there, "
+          f"covering 1% / 10% of its tokens; their gain on the second half (in-sample first-half "
+          f"gain in brackets)")
+    print('| checkpoint | context | tokens | mean gain | top 1% | top 10% |\n|---|---:|---:|---:|'
+          '---:|---:|')
+    examples = {}
+    for name, (model, ckpt) in models.items():
+        context = cfg['context'] or model.config.block_size
+        if not 0 < short < context:
+            die(f"short={short} must be between 1 and the context {context} - 1", status=2)
+        m = at_length(model, context, cfg['extend'])
+        if m is None:
+            die(f"{name}: context={context} is past its block_size={model.config.block_size}: "
+                f"pass --extend=interpolate or --extend=copy", status=2)
+        data = val_data(ckpt, cfg['dataset'])
+        index, long, short_loss = token_losses(m, data, context, short, cfg['windows'],
+                                               cfg['batch_size'], cfg['device'])
+        gain = (short_loss - long).numpy()
+        idx = index.numpy()
+        keys = data[idx - 1].astype(np.int64) * 65536 + data[idx]  # the bigram
+        top = {f: split_half_gain(keys, gain, f) for f in (0.01, 0.1)}
+        shown = [f'{b:+.4f} ({a:+.4f})' for b, _, a, _ in top.values()]
+        print(f'| {name} | {context} | {len(gain)} | {gain.mean():+.4f} | ' + ' | '.join(shown)
+              + ' |')
+        examples[name] = (data, idx, keys, gain, top[0.01][3][:5], decoder(ckpt['meta']))
+    for name, (data, idx, keys, gain, best, decode) in examples.items():
+        print(f'\n{name}: the top bigrams of the first half, their gain on the second half, and '
+              f'one place there (the token in [brackets])')
+        second = np.arange(len(keys)) >= len(keys) // 2
+        for key in best:
+            at = second & (keys == key)
+            if not at.any():
+                continue
+            t = int(idx[at][0])
+            before = decode(data[max(t - 40, 0):t].tolist())
+            print(f'  {decode([key // 65536, key % 65536])!r}: {gain[at].mean():+.3f} nats over '
+                  f'{at.sum()} tokens, e.g. {before!r}[{decode([int(data[t])])}]')
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv):
     cfg = configure_or_exit(defaults, argv)
-    if cfg['mode'] not in ('loss', 'passkey', 'both', 'mqar', 'heads', 'curves'):
-        die(f"mode={cfg['mode']!r} is not one of loss, passkey, both, mqar, heads, curves",
-            status=2)
+    modes = ('loss', 'passkey', 'both', 'mqar', 'heads', 'gain', 'curves')
+    if cfg['mode'] not in modes:
+        die(f"mode={cfg['mode']!r} is not one of {', '.join(modes)}", status=2)
     if cfg['mode'] == 'curves':  # from the logs: no model is loaded
         training_curves(cfg['ckpt'].split(','), cfg['plot'])
         return
@@ -561,6 +730,7 @@ def main(argv):
 
     if cfg['mode'] == 'mqar':
         rows = {}  # name -> (dataset, 'sequences (queries)', accuracy, loss)
+        by_distance = {}  # name -> [(lo, hi, accuracy, queries)]
         for name, (model, ckpt) in models.items():
             data_dir, meta, tokens, targets = mqar_val(name, ckpt, cfg['dataset'])
             T = meta['mqar']['seq_len']
@@ -573,6 +743,9 @@ def main(argv):
             accuracy, loss = mqar_recall(m, tokens, targets, cfg['batch_size'], cfg['device'])
             queries = int((targets != -1).sum())
             rows[name] = (os.path.basename(data_dir), f'{len(tokens)} ({queries})', accuracy, loss)
+            by_distance[name] = mqar_by_distance(m, tokens, targets, meta['mqar']['pairs'],
+                                                 cfg['bucket'] or 64, cfg['batch_size'],
+                                                 cfg['device'])
         print('\nMQAR recall on the validation sequences: accuracy % (argmax = the value) and loss '
               'at the recall positions only')
         print('| | ' + ' | '.join(names) + ' |\n|---|' + '---|' * len(names))
@@ -580,6 +753,18 @@ def main(argv):
         print('| sequences (queries) | ' + ' | '.join(rows[n][1] for n in names) + ' |')
         print('| accuracy % | ' + ' | '.join(f'{100 * rows[n][2]:.2f}' for n in names) + ' |')
         print('| loss (nats) | ' + ' | '.join(f'{rows[n][3]:.4f}' for n in names) + ' |')
+        print('\nMQAR accuracy % by distance from the query back to its value (queries)')
+        print('| distance | ' + ' | '.join(names) + ' |\n|---|' + '---:|' * len(names))
+        cells = {(n, lo): f'{100 * a:.2f} ({q})' for n in names for lo, _, a, q in by_distance[n]}
+        width = cfg['bucket'] or 64
+        for lo in sorted({lo for n in names for lo, *_ in by_distance[n]}):
+            print(f'| {lo}-{lo + width - 1} | '
+                  + ' | '.join(cells.get((n, lo), '-') for n in names) + ' |')
+        if cfg['plot']:
+            plot_by_distance(by_distance, cfg['plot'])
+
+    if cfg['mode'] == 'gain':
+        print_gain(models, cfg)
 
     if cfg['mode'] == 'heads':
         print("\nheads: mean attention weight on the previous token ('prev') and, on MQAR, on the "

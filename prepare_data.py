@@ -519,21 +519,25 @@ MQAR_TRAIN_SAMPLES = 100_000  # Zoology's number of training sequences
 MQAR_VAL_SAMPLES = 3_000
 MQAR_SEED = 2357
 MQAR_FILLER = 0  # the id of every position that is neither a pair nor a query key
-MQAR_NAME = re.compile(r'mqar_T(\d+)_N(\d+)_V(\d+)')  # a setting's dataset name
+MQAR_NAME = re.compile(r'mqar_T(\d+)_N(\d+)_V(\d+)(?:_Q(\d+))?')  # a setting's dataset name
 
 
-def mqar_name(seq_len, pairs, vocab):
-    """The name of a setting's dataset, and of its folder under data/: mqar_T64_N8_V256."""
-    return f'mqar_T{seq_len}_N{pairs}_V{vocab}'
+def mqar_name(seq_len, pairs, vocab, query_start=None):
+    """The name of a setting's dataset, and of its folder under data/: mqar_T64_N8_V256; with
+    queries only from position Q on (query_start, other than right after the pairs): _Q<Q>."""
+    far = '' if query_start in (None, 2 * pairs) else f'_Q{query_start}'
+    return f'mqar_T{seq_len}_N{pairs}_V{vocab}{far}'
 
 
-def mqar_sample(rng, seq_len, pairs, vocab):
+def mqar_sample(rng, seq_len, pairs, vocab, query_start=None):
     """One MQAR sequence: its tokens x and targets y, (seq_len,) each.
 
     x opens with the N pairs k1 v1 ... kN vN: distinct keys from [1, vocab/2), distinct values from
-    [vocab/2, vocab). The rest is (seq_len - 2N) // 2 slots of two tokens: N slots, chosen uniformly
-    without replacement, each hold one key (every key once, in random order) followed by the filler
-    0; every other position is the filler. The value is not written after its query: answered values
+    [vocab/2, vocab). From query_start on (default 2N, right after the pairs) come slots of two
+    tokens: N slots, chosen uniformly without replacement, each hold one key (every key once, in
+    random order) followed by the filler 0; every other position is the filler. A later
+    query_start puts every query far from its pair: at least query_start - 2N + 1 tokens after
+    its value. The value is not written after its query: answered values
     would then tell a model which values are left (the last query by elimination, no recall).
     y[t] is the value paired with x[t] where t is a query, -1 elsewhere: the model has just read the
     key again and must output its value; train.py's loss ignores the -1s."""
@@ -543,15 +547,16 @@ def mqar_sample(rng, seq_len, pairs, vocab):
     y = np.full(seq_len, -1)
     x[0:2 * pairs:2] = keys
     x[1:2 * pairs:2] = values
+    start = 2 * pairs if query_start is None else query_start
     # choice without replacement comes in random order: key i goes to slot slots[i]
-    slots = rng.choice((seq_len - 2 * pairs) // 2, pairs, replace=False)
-    queries = 2 * pairs + 2 * slots  # the first position of each slot
+    slots = rng.choice((seq_len - start) // 2, pairs, replace=False)
+    queries = start + 2 * slots  # the first position of each slot
     x[queries] = keys
     y[queries] = values
     return x, y
 
 
-def check_mqar(seq_len, pairs, vocab, train_samples, val_samples):
+def check_mqar(seq_len, pairs, vocab, train_samples, val_samples, query_start=None):
     """A setting that cannot be built is a PrepareError, before anything is written."""
     if min(seq_len, pairs, vocab, train_samples, val_samples) < 1:
         raise PrepareError(f'seq_len={seq_len}, pairs={pairs}, vocab={vocab}, train_samples='
@@ -562,30 +567,36 @@ def check_mqar(seq_len, pairs, vocab, train_samples, val_samples):
     if vocab // 2 - 1 < pairs:  # id 0 is the filler, keys are 1 .. vocab/2 - 1
         raise PrepareError(f'vocab={vocab} has {vocab // 2 - 1} key ids for pairs={pairs} distinct '
                            f'keys: use vocab >= {2 * pairs + 2}')
+    if query_start is not None and not (query_start >= 2 * pairs and query_start % 2 == 0
+                                        and (seq_len - query_start) // 2 >= pairs):
+        raise PrepareError(f'query_start={query_start} must be even, at least 2 * pairs = '
+                           f'{2 * pairs}, and leave {pairs} query slots of 2 tokens before '
+                           f'seq_len={seq_len}: use at most {seq_len - 2 * pairs}')
     if vocab > 2**15:  # the targets are stored as int16
         raise PrepareError(f'vocab={vocab} does not fit the int16 targets: use vocab <= {2**15}')
 
 
 def prepare_mqar(out_dir, seq_len, pairs, vocab, train_samples=MQAR_TRAIN_SAMPLES,
-                 val_samples=MQAR_VAL_SAMPLES, seed=MQAR_SEED, input_path=None, **kw):
+                 val_samples=MQAR_VAL_SAMPLES, seed=MQAR_SEED, query_start=None, input_path=None,
+                 **kw):
     """train_samples and val_samples MQAR sequences (mqar_sample): tokens in <split>.bin, one
     sequence every seq_len tokens, targets in <split>_targets.bin. Each split draws from its own
     stream of `seed`, so val shares no random numbers with train."""
     if input_path is not None:
         raise PrepareError('--input is only for the Shakespeare datasets: mqar is generated')
-    check_mqar(seq_len, pairs, vocab, train_samples, val_samples)
+    check_mqar(seq_len, pairs, vocab, train_samples, val_samples, query_start)
     start_writing(out_dir)
     for i, (split, n) in enumerate((('train', train_samples), ('val', val_samples))):
         rng = np.random.default_rng([seed, i])  # SeedSequence: independent streams for i = 0, 1
         x = np.empty((n, seq_len), dtype=np.uint16)
         y = np.empty((n, seq_len), dtype=np.int16)
         for j in tqdm(range(n), desc=f'{split} sequences', disable=None):
-            x[j], y[j] = mqar_sample(rng, seq_len, pairs, vocab)
+            x[j], y[j] = mqar_sample(rng, seq_len, pairs, vocab, query_start)
         write_bin(out_dir / f'{split}.bin', x)
         write_bin(out_dir / f'{split}_targets.bin', y, np.int16)
     setting = dict(seq_len=seq_len, pairs=pairs, filler=MQAR_FILLER, keys=(1, vocab // 2),
                    values=(vocab // 2, vocab), seed=seed, train_samples=train_samples,
-                   val_samples=val_samples)
+                   val_samples=val_samples, query_start=query_start or 2 * pairs)
     finish_writing(out_dir, {'vocab_size': vocab, 'tokenizer': 'mqar', 'mqar': setting})
 
 
@@ -632,13 +643,17 @@ def prepare(name, input_path=None, out_dir=None, tokenizer=None, **kw):
     setting = MQAR_NAME.fullmatch(name)
     if name == 'mqar':
         kw = {'seq_len': MQAR_SEQ_LEN, 'pairs': MQAR_PAIRS, 'vocab': MQAR_VOCAB, **kw}
-        name = mqar_name(kw['seq_len'], kw['pairs'], kw['vocab'])
+        name = mqar_name(kw['seq_len'], kw['pairs'], kw['vocab'], kw.get('query_start'))
     elif setting:  # the name holds the setting
-        kw.update(seq_len=int(setting[1]), pairs=int(setting[2]), vocab=int(setting[3]))
+        kw.update(seq_len=int(setting[1]), pairs=int(setting[2]), vocab=int(setting[3]),
+                  query_start=setting[4] and int(setting[4]))
     elif name not in DATASETS:
         raise PrepareError(f'unknown dataset {name!r}: choose one of {", ".join(DATASETS)}, mqar '
-                           f'or mqar_T<seq_len>_N<pairs>_V<vocab>')
-    out_dir = Path(out_dir) if out_dir is not None else REPO / 'data' / name
+                           f'or mqar_T<seq_len>_N<pairs>_V<vocab>[_Q<query_start>]')
+    folder = name
+    if name == 'shakespeare_char_passkey' and kw.get('passkey_len', PASSKEY_LEN) != PASSKEY_LEN:
+        folder = f"{name}_{kw['passkey_len']}"  # a folder of its own: the 256 mix stays
+    out_dir = Path(out_dir) if out_dir is not None else REPO / 'data' / folder
     remove_stale_temp_files(out_dir)
     build = DATASETS.get(name, prepare_mqar)  # an MQAR setting's name is none of DATASETS
     build(out_dir, input_path=input_path, **kw)
@@ -671,12 +686,20 @@ def main(argv=None):
     parser.add_argument('--val_samples', type=int, default=MQAR_VAL_SAMPLES,
                         help='mqar: validation sequences')
     parser.add_argument('--seed', type=int, default=MQAR_SEED, help='mqar: the seed of both splits')
+    parser.add_argument('--query_start', type=int,
+                        help='mqar: queries only from this position on (default: right after the '
+                        'pairs); e.g. 80 with --seq_len 256 --pairs 8 puts every query 65 to 253 '
+                        'tokens after its pair')
+    parser.add_argument('--passkey_len', type=int, default=PASSKEY_LEN,
+                        help=f'shakespeare_char_passkey: the longest sample (default {PASSKEY_LEN}; '
+                        f'another length writes data/shakespeare_char_passkey_<N>/)')
     args = parser.parse_args(argv)
     try:
         out_dir = prepare(args.name, args.input, args.out_dir, args.tokenizer,
                           max_docs=args.max_docs, num_proc=args.num_proc, seq_len=args.seq_len,
                           pairs=args.pairs, vocab=args.vocab, train_samples=args.train_samples,
-                          val_samples=args.val_samples, seed=args.seed)
+                          val_samples=args.val_samples, seed=args.seed,
+                          query_start=args.query_start, passkey_len=args.passkey_len)
     except PrepareError as e:
         print(f'prepare_data.py: error: {e}', file=sys.stderr)
         sys.exit(1)
