@@ -730,8 +730,8 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
         """Hugging Face GPT-2 weights ('gpt2', 'gpt2-medium', ..., or a local folder), by name.
-        override_args may set dropout, attention, inattn_prefix and inattn_shift. With attention='inattention'
-        the weights are only a start: the same Wk, Wv then read the initial states instead of the
+        override_args may set dropout, attention, inattn_prefix and inattn_shift. With
+        attention='inattention' the weights are only a start: the same Wk, Wv then read the initial states instead of the
         stream, so the model computes something else until it is fine-tuned; ln_in starts as the
         identity norm."""
         from transformers import GPT2LMHeadModel

@@ -691,8 +691,8 @@ def main(argv=None):
                         'pairs); e.g. 80 with --seq_len 256 --pairs 8 puts every query 65 to 253 '
                         'tokens after its pair')
     parser.add_argument('--passkey_len', type=int, default=PASSKEY_LEN,
-                        help=f'shakespeare_char_passkey: the longest sample (default {PASSKEY_LEN}; '
-                        f'another length writes data/shakespeare_char_passkey_<N>/)')
+                        help=f'shakespeare_char_passkey: the longest sample (default '
+                        f'{PASSKEY_LEN}; another length writes data/shakespeare_char_passkey_<N>/)')
     args = parser.parse_args(argv)
     try:
         out_dir = prepare(args.name, args.input, args.out_dir, args.tokenizer,

@@ -10,7 +10,7 @@ the validation sequences. Not a config flag: the shift here is a subclass made f
 trained without a cache (the model classes' decoding is not used).
 
     python prepare_data.py mqar --seq_len 64 --pairs 8 --vocab 256
-    python docs/shift_mixers.py lightning 3000     # likewise infini (16-token segments, as its config)
+    python docs/shift_mixers.py lightning 3000   # likewise infini (16-token segments, its config's)
 
 One thread: about 5 minutes per 3,000-step run for Lightning on this project's CPU machine.
 """
