@@ -731,9 +731,9 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, override_args=None):
         """Hugging Face GPT-2 weights ('gpt2', 'gpt2-medium', ..., or a local folder), by name.
         override_args may set dropout, attention, inattn_prefix and inattn_shift. With
-        attention='inattention' the weights are only a start: the same Wk, Wv then read the initial states instead of the
-        stream, so the model computes something else until it is fine-tuned; ln_in starts as the
-        identity norm."""
+        attention='inattention' the weights are only a start: the same Wk, Wv then read the initial
+        states instead of the stream, so the model computes something else until it is fine-tuned;
+        ln_in starts as the identity norm, and the token shift (if any) at its random init.
         from transformers import GPT2LMHeadModel
         override_args = override_args or {}
         allowed = {'dropout', 'attention', 'inattn_prefix', 'inattn_shift'}
