@@ -733,7 +733,7 @@ class GPT(nn.Module):
         override_args may set dropout, attention, inattn_prefix and inattn_shift. With
         attention='inattention' the weights are only a start: the same Wk, Wv then read the initial
         states instead of the stream, so the model computes something else until it is fine-tuned;
-        ln_in starts as the identity norm, and the token shift (if any) at its random init.
+        ln_in starts as the identity norm, and the token shift (if any) at its random init."""
         from transformers import GPT2LMHeadModel
         override_args = override_args or {}
         allowed = {'dropout', 'attention', 'inattn_prefix', 'inattn_shift'}
