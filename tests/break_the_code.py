@@ -82,7 +82,7 @@ BREAKS = {
         '            pass\n',
         ['tests/test_model.py']),
     'slide-keeps-stale-cache': (
-        'model.py', '                cache = None\n', '',
+        'model.py', 'start, cache = slid, None', 'start = slid',
         ['tests/test_model.py', 'tests/test_inattn_prefix.py']),
     'infini-delta-writes-all': (
         'model.py', '                v = v - self.retrieve(k, M, z)\n', '                v = v\n',
