@@ -21,8 +21,8 @@ def test_without_cuda_it_stops_with_one_line_and_status_2():
 
 
 class OverflowingScaler:
-    """A GradScaler whose every step overflows: train.py's float16 path needs CUDA, so this makes a
-    CPU run print what train.py prints for a skipped step (its scale halves, the step is skipped)."""
+    """A GradScaler whose every step overflows: train.py's float16 path needs CUDA, so this makes
+    a CPU run print what train.py prints for a skipped step (the scale halves, no step taken)."""
 
     def __init__(self, *args, **kwargs):
         self.scale_now = 2.0 ** 16

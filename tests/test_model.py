@@ -37,7 +37,7 @@ def small_stream_blocks(monkeypatch):
 @pytest.mark.parametrize('prompt_len,chunk', [(3, 8), (20, 8), (29, 32)])
 def test_cached_generation_equals_uncached(kw, prompt_len, chunk):
     # prompts shorter and longer than a prefill chunk; 20 + 40 and 29 + 40 tokens run past
-    # block_size=32: the window slides (once or twice) and both paths must still agree, logit by logit
+    # block_size=32: the window slides (once or twice), and both paths agree logit by logit
     m = varied_gpt(**kw)
     idx = torch.randint(0, 37, (2, prompt_len), generator=torch.Generator().manual_seed(1))
     assert_cached_equals_uncached(m, idx, 40, prefill_chunk=chunk)

@@ -24,7 +24,8 @@ NANOGPT_CONFIG = dict(
 # nanoGPT's names, as data (karpathy/nanoGPT, commit 3adf61e, model.py and train.py), not taken from
 # this repo's GPT: a parameter renamed here would otherwise save and load consistently, unnoticed.
 NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
-NANOGPT_CHECKPOINT_KEYS = ('model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config')
+NANOGPT_CHECKPOINT_KEYS = ('model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss',
+                           'config')
 
 
 def nanogpt_parameters(n_layer, n_embd, block_size, vocab_size, bias):
