@@ -813,6 +813,15 @@ class GPT(nn.Module):
             logits, _ = self(idx[:, i:i + chunk], cache=cache)
         return logits
 
+    def window_start(self, length, start):
+        """The first of `length` tokens that generation reads, its window having begun at `start`:
+        with learned positions, a window of more than block_size tokens slides to the last
+        block_size // 2 (read again in one prefill); without, the window never slides."""
+        limit = self.config.block_size
+        if self.transformer.wpe is not None and length - start > limit:
+            return length - limit // 2
+        return start
+
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True,
                         prefill_chunk=None):
@@ -825,9 +834,9 @@ class GPT(nn.Module):
         start = 0
         cache = None
         for step in range(max_new_tokens):
-            if limit is not None and idx.size(1) - start > limit:
-                start = idx.size(1) - limit // 2  # slide the window; the cache is rebuilt
-                cache = None
+            slid = self.window_start(idx.size(1), start)
+            if slid != start:  # the window slid: the cache is rebuilt
+                start, cache = slid, None
             if not use_cache:
                 logits, _ = self(idx[:, start:])
             elif cache is None:  # room for every token it will hold: decoding copies no cache

@@ -67,15 +67,20 @@ def record(tokens, new_ids, times):
 
 def print_stats(model, x, new_ids, t0, times):
     """Prefill speed from the time to the first token, decode speed from the rest, and the decoding
-    state of the final context: measured from a cache filled with it, beside the model's formula."""
+    state generation held for its last token: measured from a cache filled with the same window,
+    beside the model's formula."""
     n_prompt, n_new = x.size(1), len(new_ids)
     prefill = f"{n_prompt / (times[0] - t0):,.0f}"
     decode = f"{(n_new - 1) / (times[-1] - times[0]):,.0f}" if n_new > 1 else "n/a"
     print(f"stats: prefill {prefill} tokens/s ({n_prompt} prompt tokens, time to first token "
           f"{(times[0] - t0) * 1000:.1f}ms), decode {decode} tokens/s ({n_new} tokens)")
-    context = torch.cat([x, torch.tensor([new_ids], dtype=torch.long, device=x.device)], dim=1)
-    if model.transformer.wpe is not None:  # learned positions: it sees at most block_size tokens
-        context = context[:, -model.config.block_size:]
+    # the window generation read when it drew the last token: every token but that last one, from
+    # where the window rule (GPT.window_start) had slid to
+    fed = torch.cat([x, torch.tensor([new_ids[:-1]], dtype=torch.long, device=x.device)], dim=1)
+    start = 0
+    for length in range(n_prompt, fed.size(1) + 1):
+        start = model.window_start(length, start)
+    context = fed[:, start:]
     cache = model.new_cache()
     model.prefill(context, cache, prefill_chunk or None)
     T = context.size(1)

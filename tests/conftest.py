@@ -184,3 +184,55 @@ def assert_same_state(a, b):
     for i in sa:
         for name in ('step', 'exp_avg', 'exp_avg_sq'):
             assert torch.equal(sa[i][name], sb[i][name]), (i, name)
+
+
+def varied_gpt(**kw):
+    """tiny_gpt whose output varies with its input: the unit of the equivalence tests (cached =
+    uncached, absorbed = standard). GPT-2's initial weights (std 0.02, zero biases) give a model
+    that repeats one or two tokens, and zero biases hide any decoding path that drops a bias. Here
+    every bias is random (std 0.1) and every matrix is redrawn at std 1/sqrt(its columns) (fan-in;
+    n_embd for the embeddings): logits of std ~1, so that sampling at temperature 1 draws 10-18
+    distinct tokens of 30. Same weights every call."""
+    model = tiny_gpt(**kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('bias'):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.size(1) ** 0.5)
+    return model
+
+
+def sample_with_logits(model, idx, n, seed=0, **kw):
+    """generate_tokens at temperature 1 from a seeded generator -> (tokens (B, n), logits
+    (B, n, V)): the tokens and the logits each was drawn from (read by a hook on lm_head: the
+    last position of its last call before each token is yielded)."""
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out[:, -1]))
+    torch.manual_seed(seed)
+    tokens, logits = [], []
+    try:
+        for tok in model.generate_tokens(idx, n, temperature=1.0, **kw):
+            tokens.append(tok)
+            logits.append(seen[-1])
+    finally:
+        hook.remove()
+    return torch.cat(tokens, 1), torch.stack(logits, 1)
+
+
+def assert_cached_equals_uncached(model, idx, n, prefill_chunk=None, atol=1e-4, min_distinct=8):
+    """Generation with a cache equals generation without, compared at every step's logits, not
+    only the tokens, on output that varies (at least min_distinct distinct tokens in each row).
+    Both runs sample from the same seed: they draw the same tokens unless a draw falls within
+    rounding of a boundary between two tokens' probabilities (a near tie, either rounding may
+    break it). That is allowed only where the logits agree; the runs are compared up to it."""
+    cached, cached_logits = sample_with_logits(model, idx, n, prefill_chunk=prefill_chunk)
+    uncached, uncached_logits = sample_with_logits(model, idx, n, use_cache=False)
+    differ = (cached != uncached).any(0).nonzero()
+    steps = n if len(differ) == 0 else differ[0].item() + 1  # the first different draw included
+    torch.testing.assert_close(cached_logits[:, :steps], uncached_logits[:, :steps], atol=atol,
+                               rtol=0)
+    assert steps > n // 2, f'the two runs drew different tokens at step {steps - 1} of {n}'
+    for row in uncached[:, :steps]:
+        assert len(set(row.tolist())) >= min_distinct, f'output does not vary: {row.tolist()}'

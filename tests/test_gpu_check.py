@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, one_line_error
+from conftest import REPO, TINY, one_line_error, run_here
 from gpu_check import parse_train, train_row
 
 
@@ -18,6 +18,44 @@ def test_without_cuda_it_stops_with_one_line_and_status_2():
                        timeout=120, env=dict(os.environ, PYTHON=sys.executable))
     assert 'needs a CUDA GPU' in one_line_error(r, 2)
     assert r.stdout == ''
+
+
+class OverflowingScaler:
+    """A GradScaler whose every step overflows: train.py's float16 path needs CUDA, so this makes
+    a CPU run print what train.py prints for a skipped step (the scale halves, no step taken)."""
+
+    def __init__(self, *args, **kwargs):
+        self.scale_now = 2.0 ** 16
+
+    def is_enabled(self):
+        return True
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer):
+        pass
+
+    def get_scale(self):
+        return self.scale_now
+
+    def step(self, optimizer):
+        pass  # skipped: the gradients overflowed
+
+    def update(self):
+        self.scale_now /= 2
+
+    def state_dict(self):
+        return {}
+
+
+def test_the_overflow_lines_train_py_prints_are_counted(char_data, tmp_path, monkeypatch):
+    # gpu_check's pattern against train.py's own message, not a copy of it
+    monkeypatch.setattr(torch.amp, 'GradScaler', OverflowingScaler)
+    status, out, err = run_here('train.py', *TINY, f'--dataset={char_data}', '--max_iters=3',
+                                '--eval_interval=3', f'--out_dir={tmp_path / "out"}')
+    assert status in (0, None), err
+    assert parse_train(out)[2] == 3, out
 
 
 def log(skipped, last_val=2.5):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run, tiny_gpt
+from conftest import TINY, assert_cached_equals_uncached, run, tiny_gpt, varied_gpt
 from model import CausalSelfAttention, InAttention
 
 REFERENCE = Path(__file__).parent / 'reference' / 'inattention_logits.pt'
@@ -52,12 +52,12 @@ def test_causality(m):
 
 @pytest.mark.parametrize('m', PREFIXES)
 @pytest.mark.parametrize('layout', ['s', 'kv'])
-def test_cached_decoding_equals_uncached_also_past_block_size(m, layout):
-    model = prefixed(m, inattn_cache=layout)  # block_size 32: 10 + 40 tokens slide the window
-    idx = torch.randint(0, 37, (1, 10), generator=torch.Generator().manual_seed(2))
-    cached = model.generate(idx, 40, temperature=0)
-    uncached = model.generate(idx, 40, temperature=0, use_cache=False)
-    assert torch.equal(cached, uncached)
+@pytest.mark.parametrize('prompt_len,chunk', [(3, 8), (10, 4)])
+def test_cached_decoding_equals_uncached_also_past_block_size(m, layout, prompt_len, chunk):
+    # block_size 32: 40 new tokens slide the window; prompts shorter and longer than a chunk
+    model = varied_gpt(attention='inattention', n_layer=3, inattn_prefix=m, inattn_cache=layout)
+    idx = torch.randint(0, 37, (1, prompt_len), generator=torch.Generator().manual_seed(2))
+    assert_cached_equals_uncached(model, idx, 40, prefill_chunk=chunk)
 
 
 @pytest.mark.parametrize('m', PREFIXES)
@@ -93,11 +93,10 @@ def test_a_prefix_needs_inattention_and_a_block_after_it():
 
 
 def test_extend_block_size_keeps_the_prefix_working():
-    model = prefixed(1)
+    model = varied_gpt(attention='inattention', n_layer=3, inattn_prefix=1)
     model.extend_block_size(64)
     idx = torch.randint(0, 37, (1, 10), generator=torch.Generator().manual_seed(4))
-    cached = model.generate(idx, 50, temperature=0)
-    assert torch.equal(cached, model.generate(idx, 50, temperature=0, use_cache=False))
+    assert_cached_equals_uncached(model, idx, 60)  # 70 tokens: past the 64 rows too
 
 
 def test_train_py_trains_and_resumes_a_prefixed_model(char_data, tmp_path):

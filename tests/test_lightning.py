@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import tiny_gpt
+from conftest import assert_cached_equals_uncached, tiny_gpt, varied_gpt
 
 
 def tiny(**kw):
@@ -115,13 +115,13 @@ def test_decays_are_the_released_tnl_values():
                                                            abs=1e-7)
 
 
-@pytest.mark.parametrize('prompt_len,chunk', [(3, None), (11, 4)])
+@pytest.mark.parametrize('prompt_len,chunk', [(3, None), (3, 8), (11, 4), (20, None), (20, 8)])
 def test_cached_generation_equals_uncached(prompt_len, chunk):
-    m = tiny()
+    # prompts shorter and longer than a chunk and than a block of 8 (the prefill's block form
+    # crosses blocks); 30 recurrent steps run past block_size=16, which has no position table
+    m = varied_gpt(attention='lightning', block_size=16, lightning_block=8)
     idx = torch.randint(0, 37, (2, prompt_len), generator=torch.Generator().manual_seed(1))
-    # 41 tokens: past block_size=16
-    cached = m.generate(idx, 30, temperature=0, prefill_chunk=chunk)
-    assert torch.equal(cached, m.generate(idx, 30, temperature=0, use_cache=False))
+    assert_cached_equals_uncached(m, idx, 30, prefill_chunk=chunk)
 
 
 def test_causality():

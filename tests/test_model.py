@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import model as model_module
+from conftest import assert_cached_equals_uncached, varied_gpt
 from model import ATTENTIONS, GPT, GPTConfig, InAttention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,12 +36,11 @@ def small_stream_blocks(monkeypatch):
 @pytest.mark.parametrize('kw', VARIANTS, ids=IDS)
 @pytest.mark.parametrize('prompt_len,chunk', [(3, 8), (20, 8), (29, 32)])
 def test_cached_generation_equals_uncached(kw, prompt_len, chunk):
-    # 29 + 40 tokens run well past block_size=32: the window slides and both paths must still agree
-    m = tiny(**kw)
+    # prompts shorter and longer than a prefill chunk; 20 + 40 and 29 + 40 tokens run past
+    # block_size=32: the window slides (once or twice), and both paths agree logit by logit
+    m = varied_gpt(**kw)
     idx = torch.randint(0, 37, (2, prompt_len), generator=torch.Generator().manual_seed(1))
-    cached = m.generate(idx, 40, temperature=0, prefill_chunk=chunk)
-    uncached = m.generate(idx, 40, temperature=0, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_cached_equals_uncached(m, idx, 40, prefill_chunk=chunk)
 
 
 @pytest.mark.parametrize('kw', VARIANTS, ids=IDS)
@@ -68,8 +68,9 @@ def test_chunked_prefill_equals_full_forward(kw, chunk):
 
 
 def test_absorbed_decode_equals_standard_attention():
-    # InAttention's decode step never builds K or V: it must agree with the layer's standard path
-    m = tiny('inattention')
+    # InAttention's decode step never builds K or V: it must agree with the layer's standard path,
+    # biases included (varied_gpt's are random: GPT-2's zeros would hide a dropped value bias)
+    m = varied_gpt(attention='inattention')
     attn = m.transformer.h[1].attn
     x, s = torch.randn(3, 1, 32), torch.randn(3, 17, 32)
     absorbed = attn(x, s)  # one query against 17 cached initial states: the absorbed path
@@ -82,6 +83,7 @@ def test_absorbed_decode_equals_standard_attention():
     y = torch.softmax(q @ k.transpose(-2, -1) / (C // 4) ** 0.5, dim=-1) @ v
     standard = attn.c_proj(y.transpose(1, 2).reshape(3, 1, C))
     torch.testing.assert_close(absorbed, standard, atol=1e-5, rtol=0)
+    assert bv.abs().min() > 0  # the value bias the absorbed step adds once
 
 
 @pytest.mark.parametrize('attention', ['causal', 'inattention'])
@@ -212,11 +214,9 @@ def test_forward_past_position_table_is_an_error():
 
 
 def test_no_position_embedding_runs_past_block_size():
-    m = tiny('inattention', pos_emb='none')
+    m = varied_gpt(attention='inattention', pos_emb='none')
     assert m.transformer.wpe is None
-    out = m.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=0)
-    uncached = m.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=0, use_cache=False)
-    assert torch.equal(out, uncached)
+    assert_cached_equals_uncached(m, torch.zeros(1, 1, dtype=torch.long), 50)  # no window slide
 
 
 def test_crop_block_size_keeps_first_rows():

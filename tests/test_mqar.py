@@ -298,12 +298,33 @@ def test_heads_finds_the_value_a_query_fetches(mqar_dir):
             key_at = list(tokens[b, :2 * N:2]).index(tokens[b, t])
             assert recall[b, t] == 2 * key_at + 1 and targets[b, t] == tokens[b, 2 * key_at + 1]
     assert (recall != -1).sum() == 8 * N
+    # a head whose queries are 0 spreads its weight evenly: 1/(t+1) on each of the t+1 positions
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[:32] = 0
+        model.transformer.h[1].attn.c_attn.bias[:32] = 0
     report = eval_long.head_report(model, x, at, recall)
     assert len(report['rows']) == 2 and report['rows'][0][2].shape == (4,)
-    assert all(0 <= w <= 1 for row in report['rows'] for w in row[3])
-    maps, _ = eval_long.attention_maps(model, x)
     rb, rt = (recall != -1).nonzero(as_tuple=True)
-    assert torch.allclose(report['rows'][1][3], maps[1][rb, :, rt, recall[rb, rt]].mean(0))
+    bt = at.nonzero(as_tuple=True)[1]
+    torch.testing.assert_close(report['rows'][1][2], (1 / (bt + 1)).mean().expand(4).float())
+    torch.testing.assert_close(report['rows'][1][3], (1 / (rt + 1)).mean().expand(4).float())
+
+
+def test_heads_reads_the_weights_where_a_hand_built_map_puts_them(monkeypatch):
+    # one head, 4 positions: position 1 and 3 are read for the previous token, 3 fetches 1
+    att = torch.tensor([[1.0, 0.0, 0.0, 0.0],
+                        [0.3, 0.7, 0.0, 0.0],
+                        [0.1, 0.2, 0.7, 0.0],
+                        [0.4, 0.1, 0.2, 0.3]]).view(1, 1, 4, 4)
+    monkeypatch.setattr(eval_long, 'attention_maps', lambda model, x: ([att, None], None))
+    at = torch.tensor([[False, True, False, True]])
+    recall = torch.tensor([[-1, -1, -1, 1]])
+    model = tiny_gpt(vocab_size=V)
+    report = eval_long.head_report(model, torch.zeros(1, 4, dtype=torch.long), at, recall)
+    (_, _, prev, fetch), (_, _, none, _) = report['rows']
+    assert prev.tolist() == pytest.approx([(0.3 + 0.2) / 2])  # att[1, 0] and att[3, 2]
+    assert fetch.tolist() == pytest.approx([0.1])  # att[3, 1]
+    assert none is None and report['uniform'] == pytest.approx((1 / 2 + 1 / 4) / 2)
 
 
 def test_heads_mode_prints_the_tables_and_draws_the_maps(mqar_run, tmp_path, capsys):

@@ -21,28 +21,63 @@ NANOGPT_CONFIG = dict(
     dtype='float32', compile=True)
 
 
+# nanoGPT's names, as data (karpathy/nanoGPT, commit 3adf61e, model.py and train.py), not taken from
+# this repo's GPT: a parameter renamed here would otherwise save and load consistently, unnoticed.
+NANOGPT_MODEL_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+NANOGPT_CHECKPOINT_KEYS = ('model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss',
+                           'config')
+
+
+def nanogpt_parameters(n_layer, n_embd, block_size, vocab_size, bias):
+    """name -> shape of nanoGPT's GPT.state_dict(), in its order (lm_head.weight is tied to
+    transformer.wte.weight: the same tensor under both names; biases only when bias=True)."""
+    C = n_embd
+    names = {'transformer.wte.weight': (vocab_size, C), 'transformer.wpe.weight': (block_size, C)}
+    layers = {'ln_1': (C, C), 'attn.c_attn': (3 * C, C), 'attn.c_proj': (C, C), 'ln_2': (C, C),
+              'mlp.c_fc': (4 * C, C), 'mlp.c_proj': (C, 4 * C)}  # (out, in); LayerNorm: (C,)
+    for i in range(n_layer):
+        for layer, (out, inp) in layers.items():
+            ln = layer.startswith('ln')
+            names[f'transformer.h.{i}.{layer}.weight'] = (out,) if ln else (out, inp)
+            if bias:
+                names[f'transformer.h.{i}.{layer}.bias'] = (out,)
+    names['transformer.ln_f.weight'] = (C,)
+    if bias:
+        names['transformer.ln_f.bias'] = (C,)
+    names['lm_head.weight'] = (vocab_size, C)
+    return names
+
+
 def write_nanogpt_checkpoint(folder, dataset, vocab_size, iter_num=3):
-    """What nanoGPT's train.py saves: model_args with its seven keys, the compiled model's state
-    (names prefixed '_orig_mod.'), AdamW in its two groups, iter_num, best_val_loss (a tensor)."""
+    """What nanoGPT's train.py saves, built from its names: model_args with its seven keys, the
+    compiled model's state (names prefixed '_orig_mod.'), AdamW in its two groups (matrices with
+    weight decay, the rest without, in named_parameters order: the tied lm_head once, as wte),
+    iter_num, best_val_loss (a tensor)."""
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False,
                       vocab_size=vocab_size, dropout=0.0)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**model_args))
-    params = list(model.parameters())
+    assert tuple(model_args) == NANOGPT_MODEL_ARGS
+    g = torch.Generator().manual_seed(0)
+    shapes = nanogpt_parameters(2, 32, 32, vocab_size, bias=False)
+    state = {name: (torch.ones(shape) if '.ln_' in name or name.startswith('transformer.ln_')
+                    else 0.02 * torch.randn(shape, generator=g))
+             for name, shape in shapes.items() if name != 'lm_head.weight'}
+    state['lm_head.weight'] = state['transformer.wte.weight']  # tied
+    params = [torch.nn.Parameter(t) for name, t in state.items() if name != 'lm_head.weight']
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': 0.1},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
-    x = torch.randint(0, vocab_size, (2, 32))
-    model(x, x)[1].backward()
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
     optimizer.step()
     checkpoint = {
-        'model': {'_orig_mod.' + k: v for k, v in model.state_dict().items()},
+        'model': {'_orig_mod.' + k: v for k, v in state.items()},
         'optimizer': optimizer.state_dict(),
         'model_args': model_args,
         'iter_num': iter_num,
         'best_val_loss': torch.tensor(9.0),
         'config': dict(NANOGPT_CONFIG, dataset=str(dataset)),
     }
+    assert tuple(checkpoint) == NANOGPT_CHECKPOINT_KEYS
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, folder / 'ckpt.pt')
     return folder
@@ -64,6 +99,17 @@ def test_a_nanogpt_checkpoint_samples_evaluates_and_resumes(char_data, tmp_path)
     assert 'iter 3:' in r.stdout and 'iter 2:' not in r.stdout
     resumed = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=False)
     assert resumed['iter_num'] == 5 and 'meta' in resumed and 'scaler' in resumed
+    # and this repo's checkpoint is nanoGPT's: its keys, model_args and parameter names
+    assert set(NANOGPT_CHECKPOINT_KEYS) <= resumed.keys()
+    assert set(NANOGPT_MODEL_ARGS) <= resumed['model_args'].keys()
+    assert list(resumed['model']) == list(nanogpt_parameters(2, 32, 32, vocab_size, bias=False))
+
+
+def test_this_repos_parameter_names_are_nanogpts_also_with_biases():
+    # train.py saves GPT.state_dict(): the resume test above checks a bias=False checkpoint
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40, bias=True))
+    names = nanogpt_parameters(2, 16, 8, 40, bias=True)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == names
 
 
 def test_a_nanogpt_bpe_folder_without_meta_is_used_as_it_is(tmp_path):

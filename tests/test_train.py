@@ -172,3 +172,15 @@ def test_long_config_without_its_base_checkpoint_names_the_command_that_makes_it
     assert 'no checkpoint at out-inattn-shakespeare-char;' in stderr
     assert '`python train.py config/inattn_shakespeare_char.py --device=cpu' in stderr
     assert not (tmp_path / 'long').exists()
+
+
+def test_each_micro_batch_of_an_iteration_has_its_own_seed(char_data, tmp_path, monkeypatch):
+    # the micro-batches (data and dropout) of one iteration are seeded apart: one seed for all of
+    # them would train on the same batch twice
+    seeds, manual_seed = [], torch.manual_seed
+    monkeypatch.setattr(torch, 'manual_seed', lambda s: seeds.append(s) or manual_seed(s))
+    status, _, err = run_here('train.py', *TINY, f'--dataset={char_data}', '--max_iters=2',
+                              '--gradient_accumulation_steps=2', '--eval_interval=2',
+                              f'--out_dir={tmp_path / "out"}')
+    assert status == 0, err
+    assert seeds[0] == 1337 and len(seeds[1:]) == 4 and len(set(seeds[1:])) == 4, seeds
