@@ -72,6 +72,7 @@ inattn_cache = 's'
 inattn_decode = 'auto'
 inattn_prefix = 0
 inattn_shift = 0
+grad_checkpoint = False  # recompute each block's forward in backward: less memory, ~1/3 more time
 lightning_block = 64
 infini_segment = 64
 infini_update = 'linear'
@@ -112,7 +113,8 @@ globals().update(config)  # the overrides become the variables above (nanoGPT's 
 SAFE_ON_RESUME = ('max_iters', 'lr_decay_iters', 'eval_interval', 'log_interval', 'eval_iters',
                   'eval_only', 'always_save_checkpoint', 'wandb_log', 'wandb_project',
                   'wandb_run_name', 'init_from', 'init_hint', 'auto_resume', 'overwrite', 'device',
-                  'backend', 'compile', 'check_sync', 'peak_tflops', 'on_nonfinite', 'out_dir')
+                  'backend', 'compile', 'check_sync', 'peak_tflops', 'on_nonfinite', 'out_dir',
+                  'grad_checkpoint')
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
 
 
@@ -262,7 +264,7 @@ if init_from != 'scratch' and not from_gpt2:
     # checkpoint's value; one set to another value is a mistake. Not fixed: regularisation,
     # implementation and evaluation knobs, the vocabulary (checked below), block_size (below).
     runtime_keys = ('dropout', 'sdpa', 'inattn_cache', 'inattn_decode', 'lightning_block',
-                    'infini_segment', 'infini_memory', 'infini_beta_lr')
+                    'infini_segment', 'infini_memory', 'infini_beta_lr', 'grad_checkpoint')
     for k in model_args:
         fixed = k not in ('block_size', *runtime_keys)
         if fixed and config[k] != defaults[k] and config[k] != saved.get(k, defaults[k]):
@@ -392,6 +394,7 @@ if block_size > model.config.block_size:
 elif block_size < model.config.block_size:
     log(f"cropping block_size {model.config.block_size} -> {block_size}")
     model.crop_block_size(block_size)
+model.config.grad_checkpoint = grad_checkpoint  # a memory knob of this run, never inherited
 model.to(device)
 log(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
 
