@@ -236,40 +236,67 @@ def measure(spec):
 def decode_cost(model, T, dtype, B, device):
     """Formulas for one decode step of B sequences at context T: (bytes read, FLOPs). Weights: every
     parameter read once per step (the position table: one row, not counted), 2 FLOPs per matrix
-    weight per sequence. The state, per sequence, with L layers, H heads, d = n_embd, hd = d / H,
-    e bytes per number:
-      causal, inattention-kv  reads K and V: 2·L·T·d·e
-                              FLOPs 4·L·T·d (q·k and p·v: 2·T·hd per head)
-      inattention (absorbed)  reads s once per pass per layer: passes·L·T·d·e (gemm 2, stream 1;
-                              'auto': InAttention.decode_form)
-                              FLOPs 4·L·H·T·d: every head scores and sums all d numbers of s_j
-      lightning               reads and rewrites its L·H·hd² fp32 state;  FLOPs ~6·L·H·hd²
+    weight per sequence. The state, per sequence and per block (each block asked for its class,
+    as decode_state_bytes does: a causal prefix block of InAttention is costed as causal), with
+    H heads, d = n_embd, hd = d / H, e bytes per number:
+      causal, inattention-kv  reads K and V: 2·T·d·e;  FLOPs 4·T·d (q·k and p·v: 2·T·hd per head)
+      inattention (absorbed)  reads s once per pass: passes·T·d·e (gemm 2, stream 1; 'auto':
+                              InAttention.decode_form);  FLOPs 4·H·T·d: every head scores and sums
+                              all d numbers of s_j. The token shift's k·d inputs: read once a step
+      lightning               reads and rewrites its H·hd² fp32 state;  FLOPs ~6·H·hd²
       infini                  reads its state: M, z, K/V of the unfinished segment (n = T mod N)
-                              FLOPs 4·L·H·hd² (memory read; fold, amortised) + 4·L·(n + 1)·d
-    Every layer's reads count as reads from memory: a state that stays in cache is read faster."""
+                              FLOPs 4·H·hd² (memory read; fold, amortised) + 4·(n + 1)·d
+    Every block's reads count as reads from memory: a state that stays in cache is read faster."""
     cfg = model.config
-    L, H, d = cfg.n_layer, cfg.n_head, cfg.n_embd
+    H, d = cfg.n_head, cfg.n_embd
     hd, e = d // H, dtype.itemsize
     matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and 'wpe' not in name]
     vectors = [p for p in model.parameters() if p.dim() < 2]  # biases, norm gains, gates
     n_bytes = sum(p.numel() for p in matrices + vectors) * e
     flops = 2 * B * sum(p.numel() for p in matrices)  # wte is lm_head: counted once
-    attn = ATTENTIONS[cfg.attention]
-    if attn is InAttention and cfg.inattn_cache == 's':
-        form = InAttention.decode_form(cfg.inattn_decode, T, device)
-        passes = 1 if form == 'stream' else 2
-        n_bytes += B * passes * L * T * d * e
-        flops += B * 4 * L * H * T * d
-    elif attn in (CausalSelfAttention, InAttention):
-        n_bytes += B * 2 * L * T * d * e
-        flops += B * 4 * L * T * d
-    elif attn is InfiniAttention:
-        n_bytes += model.decode_state_bytes(T, dtype, B)
-        flops += B * L * (4 * H * hd * hd + 4 * (T % cfg.infini_segment + 1) * d)
-    else:  # lightning: the fixed-size state, read and rewritten
-        n_bytes += 2 * model.decode_state_bytes(T, dtype, B)
-        flops += B * 6 * L * H * hd * hd
+    for block in model.transformer.h:
+        attn = type(block.attn)
+        if attn is InAttention and cfg.inattn_cache == 's':
+            form = InAttention.decode_form(cfg.inattn_decode, T, device)
+            passes = 1 if form == 'stream' else 2
+            n_bytes += B * passes * T * d * e
+            flops += B * 4 * H * T * d
+        elif attn in (CausalSelfAttention, InAttention):
+            n_bytes += B * 2 * T * d * e
+            flops += B * 4 * T * d
+        elif attn is InfiniAttention:
+            n_bytes += B * attn.state_bytes(cfg, T, dtype)
+            flops += B * (4 * H * hd * hd + 4 * (T % cfg.infini_segment + 1) * d)
+        else:  # lightning: the fixed-size state, read and rewritten
+            n_bytes += B * 2 * attn.state_bytes(cfg, T, dtype)
+            flops += B * 6 * H * hd * hd
+    n_bytes += B * cfg.inattn_shift * d * e  # the token shift's last k inputs
     return n_bytes, flops
+
+
+# Datasheet limits of some GPUs: memory bandwidth (bytes/s) and dense bf16 tensor FLOP/s (no
+# sparsity; fp32 accumulation, what torch's bf16 matmuls use)
+GPUS = {
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: GPU memory bandwidth 3.35 TB/s; BF16
+    # Tensor Core 1,979 TFLOPS "with sparsity", dense is half: 989.4
+    'H100-SXM': dict(bandwidth=3.35e12, flops=989.4e12),
+    # NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM: 2,039 GB/s; BF16 Tensor Core
+    # 312 TFLOPS (624 with sparsity)
+    'A100-80GB-SXM': dict(bandwidth=2.039e12, flops=312e12),
+    # NVIDIA Ada GPU Architecture whitepaper, Appendix A, GeForce RTX 4090: memory bandwidth
+    # 1008 GB/s; "Peak BF16 Tensor TFLOPS with FP32 Accumulate" 165.2 (330.4 with sparsity)
+    'RTX-4090': dict(bandwidth=1.008e12, flops=165.2e12),
+}
+PREDICT_BATCHES = (1, 16)
+
+
+def predict_tok_s(model, T, dtype, B, gpu, device='cpu'):
+    """Tokens/s a decode step of B sequences at context T would reach on a GPU of GPUS if it ran at
+    the datasheet's limits: B / max(bytes / bandwidth, FLOPs / peak), the bytes and FLOPs from
+    decode_cost (the same formulas as the measured cells' limit). An upper bound: no kernel
+    launch latency, no partial use of the bandwidth."""
+    n_bytes, flops = decode_cost(model, T, dtype, B, device)
+    return B / max(n_bytes / GPUS[gpu]['bandwidth'], flops / GPUS[gpu]['flops'])
 
 
 def probe_limits(config, T, B, dtype, device, sync):
@@ -407,19 +434,47 @@ TITLES = {
 }
 
 
-def decode_table(names, contexts, cells):
-    """One row per variant and context: the decode columns side by side would be too wide."""
-    cols = COLUMNS['decode']
-    head = ['variant', 'T', 'batch'] + [c[0] for c in cols]
-    lines = [f"\n### decode: {TITLES['decode']}\n", '| ' + ' | '.join(head) + ' |',
+def decode_table(names, contexts, cells, predicted=None, gpu=None):
+    """One row per variant and context: the decode columns side by side would be too wide.
+    predicted: {(variant, T): {batch: tok/s on gpu}}, shown beside the measured columns; the
+    measured ones are left out when there is none (--predict_only)."""
+    cols = [] if predicted and not cells else COLUMNS['decode']
+    pred_head = [f"{gpu} predicted tok/s, batch {b}" for b in PREDICT_BATCHES] if predicted else []
+    head = ['variant', 'T'] + (['batch'] if cols else []) + [c[0] for c in cols] + pred_head
+    title = TITLES['decode'] if cols else ''
+    if predicted:
+        title += (' | ' if cols else '') + PREDICT_TITLE.format(gpu=gpu, **GPUS[gpu])
+    lines = [f"\n### decode: {title}\n", '| ' + ' | '.join(head) + ' |',
              '|---|' + '---:|' * (len(head) - 1)]
     for v in names:
         for T in contexts:
             c = cells.get((v, T, 'decode'), {})
-            row = [v, str(T), str(c.get('batch', ''))]
+            row = [v, str(T)] + ([str(c.get('batch', ''))] if cols else [])
             row += [c['status'] if c.get('status') != 'ok' else f(c[key]) for _, key, f in cols]
+            row += [fmt_rate(predicted[(v, T)][b]) for b in PREDICT_BATCHES] if predicted else []
             lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
+
+
+PREDICT_TITLE = ("predicted, not measured: the tok/s of {gpu} at its datasheet limits "
+                 "({bandwidth:.4g} B/s, {flops:.4g} dense bf16 FLOP/s), batch / max(bytes / "
+                 "bandwidth, FLOPs / peak) per step, bf16 weights and state, the same formulas as "
+                 "the limit column ('auto' absorbed decode: gemm, as on a GPU)")
+
+
+def predictions(preset, names, contexts, gpu):
+    """{(variant, T): {batch: predicted tok/s}}: arithmetic on the shapes alone, so the model is
+    built on the meta device (no memory, any T); the decode step in the middle of the timed ones."""
+    configs, out = variants(), {}
+    for v in names:
+        with torch.device('meta'):
+            model = GPT(GPTConfig(**PRESETS[preset], block_size=max(contexts) + DECODE_STEPS + 1,
+                                  **configs[v]))
+        for T in contexts:
+            middle = T + 1 + DECODE_STEPS // 2
+            out[(v, T)] = {b: predict_tok_s(model, middle, torch.bfloat16, b, gpu, 'cuda')
+                           for b in PREDICT_BATCHES}
+    return out
 
 
 def markdown_table(mode, names, contexts, cells):
@@ -539,6 +594,10 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, help="CPU threads per cell (default: 1 for tiny and "
                    "small, whose matmuls are too small to gain from threads, torch's default of "
                    "one per core for gpt2)")
+    p.add_argument('--predict', choices=GPUS, help="decode: beside each cell, the tok/s its "
+                   "step's bytes and FLOPs predict on this GPU at batch 1 and 16")
+    p.add_argument('--predict_only', action='store_true', help="with --predict: print the "
+                   "predicted table alone, nothing measured (seconds at any size)")
     p.add_argument('--json')
     p.add_argument('--csv')
     p.add_argument('--plot', help="PNG of prefill peak and state bytes vs T (needs matplotlib)")
@@ -562,6 +621,10 @@ def parse_args(argv=None):
     if 'train' in args.mode and 0 < args.tokens_per_step < max(args.contexts):
         p.error(f"--tokens_per_step {args.tokens_per_step} is below the longest context "
                 f"{max(args.contexts)}: raise it to at least that")
+    if (args.predict or args.predict_only) and args.mode != ['decode']:
+        p.error("--predict and --predict_only go with --mode decode alone")
+    if args.predict_only and not args.predict:
+        p.error("--predict_only needs --predict NAME, e.g. --predict H100-SXM")
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     for path in (args.json, args.csv, args.plot):  # fail now, not after hours of measuring
@@ -600,6 +663,10 @@ def main(argv=None):
                 batch = max(1, args.tokens_per_step // T)
                 specs.append(dict(base, kind='train', modes=['train'], batch=batch))
 
+    if args.predict_only:
+        specs = []
+    predicted = args.predict and predictions(args.preset, args.variants, args.contexts,
+                                             args.predict)
     cuda = args.device == 'cuda'
     meter = 'torch.cuda.max_memory_allocated' if cuda else 'live tensor storages (Tracker)'
     limit = '.' if cuda else f", memory limit {fmt_bytes(args.mem_limit)}."
@@ -631,7 +698,7 @@ def main(argv=None):
           + ', '.join(f"{v} {fmt_bytes(n)}" for v, n in weights.items()))
     for mode in MODES:
         if mode == 'decode' and mode in args.mode:
-            print(decode_table(args.variants, args.contexts, cells))
+            print(decode_table(args.variants, args.contexts, cells, predicted, args.predict))
         elif mode in args.mode:
             print(markdown_table(mode, args.variants, args.contexts, cells))
     mismatch = [f"{v} T={T}: measured {c['state_bytes']} B, formula {c['formula_bytes']} B"
@@ -648,7 +715,10 @@ def main(argv=None):
 
     rows = [dict(variant=v, T=T, mode=m, **c) for (v, T, m), c in cells.items()]
     if args.json:
-        run = dict(args=vars(args), weights_bytes=weights, budget=fits, cells=rows)
+        run = dict(args=vars(args), weights_bytes=weights, budget=fits, cells=rows,
+                   predicted=[dict(variant=v, T=T, gpu=args.predict, batch=b, tok_s=x)
+                              for (v, T), by_batch in (predicted or {}).items()
+                              for b, x in by_batch.items()])
         write_atomic(args.json, lambda f: json.dump(run, f, indent=1))
     if args.csv:
         first = ['variant', 'T', 'mode', 'status']
