@@ -38,6 +38,7 @@ import resource
 import time
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -155,22 +156,27 @@ def measure(spec):
     device, dtype, T = spec['device'], getattr(torch, spec['dtype']), spec['T']
     cuda = device == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model = GPT(GPTConfig(**spec['config'])).to(device, dtype)
+    train = spec['kind'] == 'train'
+    # training as train.py does it: fp32 weights, the matmuls autocast to dtype (when not fp32)
+    model = GPT(GPTConfig(**spec['config'])).to(device, torch.float32 if train else dtype)
+    autocast = torch.autocast(device, dtype, enabled=train and dtype != torch.float32)
     tensors = list(model.parameters()) + list(model.buffers())  # tied weights once
     weights = sum(t.nbytes for t in tensors)
     yield 'weights', weights
+    yield 'params', sum(t.numel() for t in model.parameters())
     B = spec['batch']
     x, y = (torch.randint(model.config.vocab_size, (B, T), device=device) for _ in range(2))
 
     def step(x, y):  # one training step
         model.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
+        with autocast:
+            _, loss = model(x, y)
         loss.backward()
     # warm up on 16 tokens: the first call of a kernel maps its code and starts threads, which the
     # RSS figure and the timings should not include (two chunks of 8 where the prompt is chunked:
     # both attention paths)
-    model.train(spec['kind'] == 'train')
-    if spec['kind'] == 'train':
+    model.train(train)
+    if train:
         step(x[:1, :16], y[:1, :16])
     else:
         cache = model.new_cache()
@@ -182,14 +188,21 @@ def measure(spec):
     with open('/proc/self/clear_refs', 'w') as f:  # Linux: restart the peak-RSS count from now
         f.write('5')
     rss0, meter = max_rss(), (CudaPeak if cuda else Tracker)
-    if spec['kind'] == 'train':
-        with meter() as m:  # the measured step is also the warm-up of the timed one
+    if train:  # without activation checkpointing, then with it (every block recomputed)
+        numbers = {}
+        for ckpt in (False, True):
+            model.config.grad_checkpoint = ckpt
+            with meter() as m:  # the measured step is also the warm-up of the timed one
+                step(x, y)
+            sync(); t0 = time.perf_counter()
             step(x, y)
-        rss = max_rss() - rss0
-        sync(); t0 = time.perf_counter()
-        step(x, y)
-        sync(); dt = time.perf_counter() - t0
-        yield 'train', dict(peak_bytes=m.peak, rss_bytes=rss, tok_s=B * T / dt)
+            sync(); dt = time.perf_counter() - t0
+            suffix = '_ckpt' if ckpt else ''
+            numbers.update({f'peak_bytes{suffix}': m.peak, f'tok_s{suffix}': B * T / dt})
+            if not ckpt:  # the process's peak RSS cannot be reset between the two
+                numbers['rss_bytes'] = max_rss() - rss0
+        numbers['ckpt_ratio'] = numbers['peak_bytes_ckpt'] / numbers['peak_bytes']
+        yield 'train', numbers
         return
     if {'state', 'prefill'} & set(spec['modes']):
         cache = model.new_cache(capacity=T)  # the prompt's length is known: no room to spare
@@ -414,7 +427,9 @@ COLUMNS = {
                ('uncached tok/s', 'recompute_tok_s', fmt_or_skipped(fmt_rate)),
                ('cache speed-up', 'cache_speedup', fmt_or_skipped(lambda x: f"{x:.1f}x")),
                ('prefill tok/s', 'prefill_tok_s', fmt_rate)],
-    'train': [('peak', 'peak_bytes', fmt_bytes), ('tok/s', 'tok_s', fmt_rate)],
+    'train': [('peak', 'peak_bytes', fmt_bytes), ('peak ckpt', 'peak_bytes_ckpt', fmt_bytes),
+              ('ckpt/plain', 'ckpt_ratio', lambda x: f"{x:.2f}"), ('tok/s', 'tok_s', fmt_rate),
+              ('tok/s ckpt', 'tok_s_ckpt', fmt_rate)],
 }
 TITLES = {
     'state': "decoding state after a T-token prompt: measured cache.nbytes() | "
@@ -429,8 +444,10 @@ TITLES = {
               f"the cache (the whole "
               f"context recomputed per token; skipped above T = {UNCACHED_MAX_T} unless "
               f"--uncached) | cached/uncached | prefill tokens/s",
-    'train': "one forward+backward step: peak memory above the weights (gradients included) | "
-             "tokens/s",
+    'train': "one forward+backward step, fp32 weights, autocast to --dtype when not fp32: peak "
+             "memory above the weights (gradients included) | the same with activation "
+             "checkpointing (grad_checkpoint: each block recomputed in backward) | their ratio | "
+             "tokens/s without and with it",
 }
 
 
@@ -494,6 +511,16 @@ def markdown_table(mode, names, contexts, cells):
     return '\n'.join(lines)
 
 
+def fit_line(pts):
+    """Least squares line m(T) = a + b·T through the points [(T, m)] -> (a, b) (np.polyfit); one
+    point: the line through the origin."""
+    T, m = np.array(pts, dtype=float).T
+    if len(pts) == 1:
+        return 0.0, m[0] / T[0]
+    b, a = np.polyfit(T, m, 1)
+    return float(a), float(b)
+
+
 def budget_table(names, contexts, cells, weights, budget):
     """Least-squares line peak(T) = a + b·T through the measured prefill peaks, solved for
     weights + a + b·T = budget. An extrapolation: it is exact only where memory really is linear in
@@ -510,23 +537,66 @@ def budget_table(names, contexts, cells, weights, budget):
         if not pts or v not in weights:
             lines.append(f"| {v} | | | | 0 | no measurement |")
             continue
-        n, st, sm = len(pts), sum(T for T, _ in pts), sum(m for _, m in pts)
-        if n == 1:  # one point: a line through the origin
-            b, a = pts[0][1] / pts[0][0], 0.0
-        else:
-            stm, stt = sum(T * m for T, m in pts), sum(T * T for T, _ in pts)
-            b = (n * stm - st * sm) / (n * stt - st * st)
-            a = (sm - b * st) / n
+        a, b = fit_line(pts)
         longest = math.floor((budget - weights[v] - a) / b) if b > 0 else None
         fits[v] = dict(bytes_per_token=b, fixed_bytes=a, weights_bytes=weights[v],
-                       longest_T=longest, points=n)
-        shown = f"{longest:,}"
-        if longest is None:
-            shown = 'no growth measured'
-        elif longest < 1:
-            shown = 'weights alone do not fit'
-        lines.append(f"| {v} | {fmt_bytes(weights[v])} | {fmt_bytes(b)} | {fmt_bytes(a)} | {n} | "
-                     f"{shown} |")
+                       longest_T=longest, points=len(pts))
+        lines.append(f"| {v} | {fmt_bytes(weights[v])} | {fmt_bytes(b)} | {fmt_bytes(a)} | "
+                     f"{len(pts)} | {fmt_longest(longest)} |")
+    return '\n'.join(lines), fits
+
+
+def fmt_longest(longest):
+    if longest is None:
+        return 'no growth measured'
+    return 'weights alone do not fit' if longest < 1 else f"{longest:,}"
+
+
+TRAIN_BUDGETS = (24 * 2**30, 80 * 2**30)  # a 24 GB card (RTX 4090) and an 80 GB one (A100, H100)
+
+
+def train_budget(n_params, a, b, budget):
+    """The longest T whose training step at batch 1 fits in budget: weights (fp32, 4 bytes per
+    parameter) and AdamW's two fp32 moments (8 bytes) counted, plus the measured step's peak
+    fitted as a + b·T (gradients, fp32: 4 bytes per parameter, are in it, with autocast's weight
+    copies and the activations). None: no growth in T measured."""
+    fixed = 12 * n_params + a
+    return math.floor((budget - fixed) / b) if b > 0 else None
+
+
+def train_budget_table(names, contexts, cells, params):
+    """Per variant: the measured training peaks (batch 1) without and with activation
+    checkpointing, fitted by a line in T, and the longest block_size that trains in each budget."""
+    gib = ' and '.join(f"{n / 2**30:g} GiB" for n in TRAIN_BUDGETS)
+    head = ['variant', 'params', 'weights + AdamW (counted)', 'gradients (counted)',
+            'fixed (fit)', 'per token (fit)', 'per token ckpt (fit)', 'points']
+    head += [f"longest T in {n / 2**30:g} GiB{ckpt}" for n in TRAIN_BUDGETS
+             for ckpt in ('', ' ckpt')]
+    lines = [f"\n### training budget: longest block_size that trains at batch 1 in {gib}, "
+             f"extrapolated linearly from the measured step peaks: fp32 weights (4 B/param) and "
+             f"AdamW's two moments (8 B/param) counted, plus the measured peak of one step "
+             f"(gradients 4 B/param, autocast's weight copies, activations) as fixed + per "
+             f"token·T\n", '| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
+    fits = {}
+    for v in names:
+        ok = [T for T in contexts if cells.get((v, T, 'train'), {}).get('status') == 'ok'
+              and cells[(v, T, 'train')]['batch'] == 1]
+        if not ok or v not in params:
+            lines.append(f"| {v} | | | | | | | 0 |" + ' |' * len(TRAIN_BUDGETS) * 2)
+            continue
+        P = params[v]
+        fit = {k: fit_line([(T, cells[(v, T, 'train')][k]) for T in ok])
+               for k in ('peak_bytes', 'peak_bytes_ckpt')}
+        longest = {(n, k): train_budget(P, *fit[k], n) for n in TRAIN_BUDGETS for k in fit}
+        fits[v] = dict(params=P, fit=fit, points=len(ok),
+                       longest_T={f"{n}{'_ckpt' if 'ckpt' in k else ''}": x
+                                  for (n, k), x in longest.items()})
+        row = [v, f"{P / 1e6:.1f}M", fmt_bytes(12 * P), fmt_bytes(4 * P),
+               fmt_bytes(fit['peak_bytes'][0]), fmt_bytes(fit['peak_bytes'][1]),
+               fmt_bytes(fit['peak_bytes_ckpt'][1]), str(len(ok))]
+        row += [fmt_longest(longest[(n, k)]) for n in TRAIN_BUDGETS
+                for k in ('peak_bytes', 'peak_bytes_ckpt')]
+        lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines), fits
 
 
@@ -676,7 +746,7 @@ def main(argv=None):
           f"{args.prefill_chunk or 'whole prompt'} for InAttention's 's' cache, "
           f"{args.baseline_chunk or 'whole prompt'} for the others. Each cell: its own process, "
           f"timeout {args.timeout:g} s{limit}")
-    cells, weights, failures = {}, {}, []
+    cells, weights, params, failures = {}, {}, {}, []
     bar = tqdm(specs, desc='cells', unit='cell', disable=None)  # a bar on a terminal only
     for spec in bar:
         bar.set_postfix_str(f"{spec['variant']} T={spec['T']} {spec['kind']}")
@@ -685,6 +755,7 @@ def main(argv=None):
         seconds = time.monotonic() - t0
         if 'weights' in results:
             weights[spec['variant']] = results.pop('weights')
+            params[spec['variant']] = results.pop('params')
         for mode in spec['modes']:
             c = dict(status=status, message=message)
             if mode in results:
@@ -706,9 +777,12 @@ def main(argv=None):
                 if m == 'state' and c['status'] == 'ok' and c['state_bytes'] != c['formula_bytes']]
     if mismatch:
         print("\nstate: measured differs from the formula: " + '; '.join(mismatch))
-    fits = {}
+    fits, train_fits = {}, {}
     if 'prefill' in args.mode:
         text, fits = budget_table(args.variants, args.contexts, cells, weights, args.budget)
+        print(text)
+    if 'train' in args.mode:
+        text, train_fits = train_budget_table(args.variants, args.contexts, cells, params)
         print(text)
     if failures:
         print("\nFailed cells:\n" + '\n'.join(f"- {f}" for f in failures))
@@ -716,6 +790,7 @@ def main(argv=None):
     rows = [dict(variant=v, T=T, mode=m, **c) for (v, T, m), c in cells.items()]
     if args.json:
         run = dict(args=vars(args), weights_bytes=weights, budget=fits, cells=rows,
+                   train_budget=train_fits,
                    predicted=[dict(variant=v, T=T, gpu=args.predict, batch=b, tok_s=x)
                               for (v, T), by_batch in (predicted or {}).items()
                               for b, x in by_batch.items()])
