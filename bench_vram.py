@@ -555,13 +555,18 @@ def fmt_longest(longest):
 TRAIN_BUDGETS = (24 * 2**30, 80 * 2**30)  # a 24 GB card (RTX 4090) and an 80 GB one (A100, H100)
 
 
+def train_peak(n_params, a, b, T, batch=1):
+    """Memory of training at context T: weights (fp32, 4 bytes per parameter) and AdamW's two fp32
+    moments (8 bytes) counted, plus the measured step's peak at batch 1 fitted as a + b·T
+    (gradients, fp32: 4 bytes per parameter, are in a, with autocast's weight copies; the
+    activations in b·T, which grow with the batch)."""
+    return 12 * n_params + a + batch * b * T
+
+
 def train_budget(n_params, a, b, budget):
-    """The longest T whose training step at batch 1 fits in budget: weights (fp32, 4 bytes per
-    parameter) and AdamW's two fp32 moments (8 bytes) counted, plus the measured step's peak
-    fitted as a + b·T (gradients, fp32: 4 bytes per parameter, are in it, with autocast's weight
-    copies and the activations). None: no growth in T measured."""
-    fixed = 12 * n_params + a
-    return math.floor((budget - fixed) / b) if b > 0 else None
+    """The longest T whose training step at batch 1 fits in budget (train_peak(T) <= budget).
+    None: no growth in T measured."""
+    return math.floor((budget - train_peak(n_params, a, 0.0, 0)) / b) if b > 0 else None
 
 
 def train_budget_table(names, contexts, cells, params):

@@ -602,6 +602,9 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
+if device_type == 'cuda':  # what .ci/gpu compares with bench_vram's training budget
+    peak = torch.cuda.max_memory_allocated()
+    log(f"peak GPU memory: {peak} bytes ({peak / 2**30:.2f} GiB, torch.cuda.max_memory_allocated)")
 if scaler.is_enabled():
     log(f"float16: the GradScaler skipped {skipped_steps} of {local_iter_num} optimizer steps")
 if wandb_log and master_process:

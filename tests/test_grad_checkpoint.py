@@ -8,7 +8,7 @@ import torch
 
 import bench_vram
 from bench_vram import Tracker
-from conftest import TINY, run
+from conftest import REPO, TINY, run
 from model import GPT, GPTConfig
 
 VARIANTS = {  # every attention class, and InAttention over a causal block and with a token shift
@@ -103,3 +103,18 @@ def test_train_py_same_losses_and_resume_may_switch_it(char_data, tmp_path):
     assert len(losses(r.stdout)) == 1
     assert torch.load(tmp_path / 'plain' / 'ckpt.pt',
                       weights_only=False)['model_args']['grad_checkpoint'] is True
+
+
+@pytest.mark.parametrize('name', ['train_long_gpt2_1gpu', 'inattn_long_gpt2_1gpu'])
+def test_one_card_configs_keep_the_8_gpu_recipes_tokens_per_step(name):
+    one, eight = {}, {}
+    exec((REPO / 'config' / f'{name}.py').read_text(), one)
+    exec((REPO / 'config' / f"{name.removesuffix('_1gpu')}.py").read_text(), eight)
+    tokens = lambda c: c['batch_size'] * c['block_size'] * c['gradient_accumulation_steps']  # noqa
+    assert tokens(one) == tokens(eight) == 524_288 and one['block_size'] == 4096
+    assert one['grad_checkpoint'] is True
+    # OpenAI's GPT-2 is a causal model; the InAttention one only the 8-GPU pretraining makes
+    if one['attention'] == 'causal':
+        assert one['init_from'] == 'gpt2'
+    else:
+        assert 'nproc_per_node=8' in one['init_hint'] and one['init_from'] == eight['init_from']

@@ -1,0 +1,36 @@
+# One-card twin of train_long_gpt2.py: OpenAI's GPT-2 (124M) fine-tuned to a 4096-token context on
+# OpenWebText, on one 24 GB GPU (an RTX 4090; an 80 GB card holds it too), by position
+# interpolation (docs/attention.md section 6) at a low learning rate.
+# $ python train.py config/train_long_gpt2_1gpu.py
+# $ python eval_long.py --ckpt=gpt2,out-long-gpt2-1gpu --context=4096 --extend=interpolate --mark=1024 --device=cuda
+# Sized by bench_vram.py's training budget (README, "Training memory on one card"): at 4096 tokens
+# a micro-batch of BATCH sequences with activation checkpointing is predicted to need PRED GiB
+# (extrapolated; .ci/gpu measures it); the same 524,288 tokens per step as the 8-GPU recipe,
+# through gradient accumulation, so one step takes ~8x longer.
+
+out_dir = 'out-long-gpt2-1gpu'
+init_from = 'gpt2'  # OpenAI's weights from Hugging Face: no pretraining run needed
+dataset = 'openwebtext'
+attention = 'causal'
+wandb_log = True
+wandb_project = 'owt'
+wandb_run_name = 'gpt2-124M-long-4096-1gpu'
+
+block_size = 4096  # 4x GPT-2's 1024
+extend_method = 'interpolate'  # position interpolation (Chen et al. 2023)
+
+# BATCH batch size * 4096 block size * ACCUM gradaccum = 524,288 tokens per step, as on 8 GPUs
+batch_size = 8
+gradient_accumulation_steps = 16
+grad_checkpoint = True  # each block recomputed in backward: the activations of one block at a time
+
+learning_rate = 6e-5  # a tenth of pretraining's peak: adapt, do not start over
+max_iters = 1000  # Chen et al. extend LLaMA with 1000 steps
+lr_decay_iters = 1000
+min_lr = 6e-6
+warmup_iters = 50
+weight_decay = 1e-1
+
+eval_interval = 250
+eval_iters = 100
+log_interval = 10
