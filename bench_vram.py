@@ -38,6 +38,7 @@ import resource
 import time
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -155,22 +156,27 @@ def measure(spec):
     device, dtype, T = spec['device'], getattr(torch, spec['dtype']), spec['T']
     cuda = device == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model = GPT(GPTConfig(**spec['config'])).to(device, dtype)
+    train = spec['kind'] == 'train'
+    # training as train.py does it: fp32 weights, the matmuls autocast to dtype (when not fp32)
+    model = GPT(GPTConfig(**spec['config'])).to(device, torch.float32 if train else dtype)
+    autocast = torch.autocast(device, dtype, enabled=train and dtype != torch.float32)
     tensors = list(model.parameters()) + list(model.buffers())  # tied weights once
     weights = sum(t.nbytes for t in tensors)
     yield 'weights', weights
+    yield 'params', sum(t.numel() for t in model.parameters())
     B = spec['batch']
     x, y = (torch.randint(model.config.vocab_size, (B, T), device=device) for _ in range(2))
 
     def step(x, y):  # one training step
         model.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
+        with autocast:
+            _, loss = model(x, y)
         loss.backward()
     # warm up on 16 tokens: the first call of a kernel maps its code and starts threads, which the
     # RSS figure and the timings should not include (two chunks of 8 where the prompt is chunked:
     # both attention paths)
-    model.train(spec['kind'] == 'train')
-    if spec['kind'] == 'train':
+    model.train(train)
+    if train:
         step(x[:1, :16], y[:1, :16])
     else:
         cache = model.new_cache()
@@ -182,14 +188,21 @@ def measure(spec):
     with open('/proc/self/clear_refs', 'w') as f:  # Linux: restart the peak-RSS count from now
         f.write('5')
     rss0, meter = max_rss(), (CudaPeak if cuda else Tracker)
-    if spec['kind'] == 'train':
-        with meter() as m:  # the measured step is also the warm-up of the timed one
+    if train:  # without activation checkpointing, then with it (every block recomputed)
+        numbers = {}
+        for ckpt in (False, True):
+            model.config.grad_checkpoint = ckpt
+            with meter() as m:  # the measured step is also the warm-up of the timed one
+                step(x, y)
+            sync(); t0 = time.perf_counter()
             step(x, y)
-        rss = max_rss() - rss0
-        sync(); t0 = time.perf_counter()
-        step(x, y)
-        sync(); dt = time.perf_counter() - t0
-        yield 'train', dict(peak_bytes=m.peak, rss_bytes=rss, tok_s=B * T / dt)
+            sync(); dt = time.perf_counter() - t0
+            suffix = '_ckpt' if ckpt else ''
+            numbers.update({f'peak_bytes{suffix}': m.peak, f'tok_s{suffix}': B * T / dt})
+            if not ckpt:  # the process's peak RSS cannot be reset between the two
+                numbers['rss_bytes'] = max_rss() - rss0
+        numbers['ckpt_ratio'] = numbers['peak_bytes_ckpt'] / numbers['peak_bytes']
+        yield 'train', numbers
         return
     if {'state', 'prefill'} & set(spec['modes']):
         cache = model.new_cache(capacity=T)  # the prompt's length is known: no room to spare
@@ -236,40 +249,67 @@ def measure(spec):
 def decode_cost(model, T, dtype, B, device):
     """Formulas for one decode step of B sequences at context T: (bytes read, FLOPs). Weights: every
     parameter read once per step (the position table: one row, not counted), 2 FLOPs per matrix
-    weight per sequence. The state, per sequence, with L layers, H heads, d = n_embd, hd = d / H,
-    e bytes per number:
-      causal, inattention-kv  reads K and V: 2·L·T·d·e
-                              FLOPs 4·L·T·d (q·k and p·v: 2·T·hd per head)
-      inattention (absorbed)  reads s once per pass per layer: passes·L·T·d·e (gemm 2, stream 1;
-                              'auto': InAttention.decode_form)
-                              FLOPs 4·L·H·T·d: every head scores and sums all d numbers of s_j
-      lightning               reads and rewrites its L·H·hd² fp32 state;  FLOPs ~6·L·H·hd²
+    weight per sequence. The state, per sequence and per block (each block asked for its class,
+    as decode_state_bytes does: a causal prefix block of InAttention is costed as causal), with
+    H heads, d = n_embd, hd = d / H, e bytes per number:
+      causal, inattention-kv  reads K and V: 2·T·d·e;  FLOPs 4·T·d (q·k and p·v: 2·T·hd per head)
+      inattention (absorbed)  reads s once per pass: passes·T·d·e (gemm 2, stream 1; 'auto':
+                              InAttention.decode_form);  FLOPs 4·H·T·d: every head scores and sums
+                              all d numbers of s_j. The token shift's k·d inputs: read once a step
+      lightning               reads and rewrites its H·hd² fp32 state;  FLOPs ~6·H·hd²
       infini                  reads its state: M, z, K/V of the unfinished segment (n = T mod N)
-                              FLOPs 4·L·H·hd² (memory read; fold, amortised) + 4·L·(n + 1)·d
-    Every layer's reads count as reads from memory: a state that stays in cache is read faster."""
+                              FLOPs 4·H·hd² (memory read; fold, amortised) + 4·(n + 1)·d
+    Every block's reads count as reads from memory: a state that stays in cache is read faster."""
     cfg = model.config
-    L, H, d = cfg.n_layer, cfg.n_head, cfg.n_embd
+    H, d = cfg.n_head, cfg.n_embd
     hd, e = d // H, dtype.itemsize
     matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and 'wpe' not in name]
     vectors = [p for p in model.parameters() if p.dim() < 2]  # biases, norm gains, gates
     n_bytes = sum(p.numel() for p in matrices + vectors) * e
     flops = 2 * B * sum(p.numel() for p in matrices)  # wte is lm_head: counted once
-    attn = ATTENTIONS[cfg.attention]
-    if attn is InAttention and cfg.inattn_cache == 's':
-        form = InAttention.decode_form(cfg.inattn_decode, T, device)
-        passes = 1 if form == 'stream' else 2
-        n_bytes += B * passes * L * T * d * e
-        flops += B * 4 * L * H * T * d
-    elif attn in (CausalSelfAttention, InAttention):
-        n_bytes += B * 2 * L * T * d * e
-        flops += B * 4 * L * T * d
-    elif attn is InfiniAttention:
-        n_bytes += model.decode_state_bytes(T, dtype, B)
-        flops += B * L * (4 * H * hd * hd + 4 * (T % cfg.infini_segment + 1) * d)
-    else:  # lightning: the fixed-size state, read and rewritten
-        n_bytes += 2 * model.decode_state_bytes(T, dtype, B)
-        flops += B * 6 * L * H * hd * hd
+    for block in model.transformer.h:
+        attn = type(block.attn)
+        if attn is InAttention and cfg.inattn_cache == 's':
+            form = InAttention.decode_form(cfg.inattn_decode, T, device)
+            passes = 1 if form == 'stream' else 2
+            n_bytes += B * passes * T * d * e
+            flops += B * 4 * H * T * d
+        elif attn in (CausalSelfAttention, InAttention):
+            n_bytes += B * 2 * T * d * e
+            flops += B * 4 * T * d
+        elif attn is InfiniAttention:
+            n_bytes += B * attn.state_bytes(cfg, T, dtype)
+            flops += B * (4 * H * hd * hd + 4 * (T % cfg.infini_segment + 1) * d)
+        else:  # lightning: the fixed-size state, read and rewritten
+            n_bytes += B * 2 * attn.state_bytes(cfg, T, dtype)
+            flops += B * 6 * H * hd * hd
+    n_bytes += B * cfg.inattn_shift * d * e  # the token shift's last k inputs
     return n_bytes, flops
+
+
+# Datasheet limits of some GPUs: memory bandwidth (bytes/s) and dense bf16 tensor FLOP/s (no
+# sparsity; fp32 accumulation, what torch's bf16 matmuls use)
+GPUS = {
+    # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: GPU memory bandwidth 3.35 TB/s; BF16
+    # Tensor Core 1,979 TFLOPS "with sparsity", dense is half: 989.4
+    'H100-SXM': dict(bandwidth=3.35e12, flops=989.4e12),
+    # NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM: 2,039 GB/s; BF16 Tensor Core
+    # 312 TFLOPS (624 with sparsity)
+    'A100-80GB-SXM': dict(bandwidth=2.039e12, flops=312e12),
+    # NVIDIA Ada GPU Architecture whitepaper, Appendix A, GeForce RTX 4090: memory bandwidth
+    # 1008 GB/s; "Peak BF16 Tensor TFLOPS with FP32 Accumulate" 165.2 (330.4 with sparsity)
+    'RTX-4090': dict(bandwidth=1.008e12, flops=165.2e12),
+}
+PREDICT_BATCHES = (1, 16)
+
+
+def predict_tok_s(model, T, dtype, B, gpu, device='cpu'):
+    """Tokens/s a decode step of B sequences at context T would reach on a GPU of GPUS if it ran at
+    the datasheet's limits: B / max(bytes / bandwidth, FLOPs / peak), the bytes and FLOPs from
+    decode_cost (the same formulas as the measured cells' limit). An upper bound: no kernel
+    launch latency, no partial use of the bandwidth."""
+    n_bytes, flops = decode_cost(model, T, dtype, B, device)
+    return B / max(n_bytes / GPUS[gpu]['bandwidth'], flops / GPUS[gpu]['flops'])
 
 
 def probe_limits(config, T, B, dtype, device, sync):
@@ -387,7 +427,9 @@ COLUMNS = {
                ('uncached tok/s', 'recompute_tok_s', fmt_or_skipped(fmt_rate)),
                ('cache speed-up', 'cache_speedup', fmt_or_skipped(lambda x: f"{x:.1f}x")),
                ('prefill tok/s', 'prefill_tok_s', fmt_rate)],
-    'train': [('peak', 'peak_bytes', fmt_bytes), ('tok/s', 'tok_s', fmt_rate)],
+    'train': [('peak', 'peak_bytes', fmt_bytes), ('peak ckpt', 'peak_bytes_ckpt', fmt_bytes),
+              ('ckpt/plain', 'ckpt_ratio', lambda x: f"{x:.2f}"), ('tok/s', 'tok_s', fmt_rate),
+              ('tok/s ckpt', 'tok_s_ckpt', fmt_rate)],
 }
 TITLES = {
     'state': "decoding state after a T-token prompt: measured cache.nbytes() | "
@@ -402,24 +444,54 @@ TITLES = {
               f"the cache (the whole "
               f"context recomputed per token; skipped above T = {UNCACHED_MAX_T} unless "
               f"--uncached) | cached/uncached | prefill tokens/s",
-    'train': "one forward+backward step: peak memory above the weights (gradients included) | "
-             "tokens/s",
+    'train': "one forward+backward step, fp32 weights, autocast to --dtype when not fp32: peak "
+             "memory above the weights (gradients included) | the same with activation "
+             "checkpointing (grad_checkpoint: each block recomputed in backward) | their ratio | "
+             "tokens/s without and with it",
 }
 
 
-def decode_table(names, contexts, cells):
-    """One row per variant and context: the decode columns side by side would be too wide."""
-    cols = COLUMNS['decode']
-    head = ['variant', 'T', 'batch'] + [c[0] for c in cols]
-    lines = [f"\n### decode: {TITLES['decode']}\n", '| ' + ' | '.join(head) + ' |',
+def decode_table(names, contexts, cells, predicted=None, gpu=None):
+    """One row per variant and context: the decode columns side by side would be too wide.
+    predicted: {(variant, T): {batch: tok/s on gpu}}, shown beside the measured columns; the
+    measured ones are left out when there is none (--predict_only)."""
+    cols = [] if predicted and not cells else COLUMNS['decode']
+    pred_head = [f"{gpu} predicted tok/s, batch {b}" for b in PREDICT_BATCHES] if predicted else []
+    head = ['variant', 'T'] + (['batch'] if cols else []) + [c[0] for c in cols] + pred_head
+    title = TITLES['decode'] if cols else ''
+    if predicted:
+        title += (' | ' if cols else '') + PREDICT_TITLE.format(gpu=gpu, **GPUS[gpu])
+    lines = [f"\n### decode: {title}\n", '| ' + ' | '.join(head) + ' |',
              '|---|' + '---:|' * (len(head) - 1)]
     for v in names:
         for T in contexts:
             c = cells.get((v, T, 'decode'), {})
-            row = [v, str(T), str(c.get('batch', ''))]
+            row = [v, str(T)] + ([str(c.get('batch', ''))] if cols else [])
             row += [c['status'] if c.get('status') != 'ok' else f(c[key]) for _, key, f in cols]
+            row += [fmt_rate(predicted[(v, T)][b]) for b in PREDICT_BATCHES] if predicted else []
             lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
+
+
+PREDICT_TITLE = ("predicted, not measured: the tok/s of {gpu} at its datasheet limits "
+                 "({bandwidth:.4g} B/s, {flops:.4g} dense bf16 FLOP/s), batch / max(bytes / "
+                 "bandwidth, FLOPs / peak) per step, bf16 weights and state, the same formulas as "
+                 "the limit column ('auto' absorbed decode: gemm, as on a GPU)")
+
+
+def predictions(preset, names, contexts, gpu):
+    """{(variant, T): {batch: predicted tok/s}}: arithmetic on the shapes alone, so the model is
+    built on the meta device (no memory, any T); the decode step in the middle of the timed ones."""
+    configs, out = variants(), {}
+    for v in names:
+        with torch.device('meta'):
+            model = GPT(GPTConfig(**PRESETS[preset], block_size=max(contexts) + DECODE_STEPS + 1,
+                                  **configs[v]))
+        for T in contexts:
+            middle = T + 1 + DECODE_STEPS // 2
+            out[(v, T)] = {b: predict_tok_s(model, middle, torch.bfloat16, b, gpu, 'cuda')
+                           for b in PREDICT_BATCHES}
+    return out
 
 
 def markdown_table(mode, names, contexts, cells):
@@ -439,6 +511,16 @@ def markdown_table(mode, names, contexts, cells):
     return '\n'.join(lines)
 
 
+def fit_line(pts):
+    """Least squares line m(T) = a + b·T through the points [(T, m)] -> (a, b) (np.polyfit); one
+    point: the line through the origin."""
+    T, m = np.array(pts, dtype=float).T
+    if len(pts) == 1:
+        return 0.0, m[0] / T[0]
+    b, a = np.polyfit(T, m, 1)
+    return float(a), float(b)
+
+
 def budget_table(names, contexts, cells, weights, budget):
     """Least-squares line peak(T) = a + b·T through the measured prefill peaks, solved for
     weights + a + b·T = budget. An extrapolation: it is exact only where memory really is linear in
@@ -455,23 +537,71 @@ def budget_table(names, contexts, cells, weights, budget):
         if not pts or v not in weights:
             lines.append(f"| {v} | | | | 0 | no measurement |")
             continue
-        n, st, sm = len(pts), sum(T for T, _ in pts), sum(m for _, m in pts)
-        if n == 1:  # one point: a line through the origin
-            b, a = pts[0][1] / pts[0][0], 0.0
-        else:
-            stm, stt = sum(T * m for T, m in pts), sum(T * T for T, _ in pts)
-            b = (n * stm - st * sm) / (n * stt - st * st)
-            a = (sm - b * st) / n
+        a, b = fit_line(pts)
         longest = math.floor((budget - weights[v] - a) / b) if b > 0 else None
         fits[v] = dict(bytes_per_token=b, fixed_bytes=a, weights_bytes=weights[v],
-                       longest_T=longest, points=n)
-        shown = f"{longest:,}"
-        if longest is None:
-            shown = 'no growth measured'
-        elif longest < 1:
-            shown = 'weights alone do not fit'
-        lines.append(f"| {v} | {fmt_bytes(weights[v])} | {fmt_bytes(b)} | {fmt_bytes(a)} | {n} | "
-                     f"{shown} |")
+                       longest_T=longest, points=len(pts))
+        lines.append(f"| {v} | {fmt_bytes(weights[v])} | {fmt_bytes(b)} | {fmt_bytes(a)} | "
+                     f"{len(pts)} | {fmt_longest(longest)} |")
+    return '\n'.join(lines), fits
+
+
+def fmt_longest(longest):
+    if longest is None:
+        return 'no growth measured'
+    return 'weights alone do not fit' if longest < 1 else f"{longest:,}"
+
+
+TRAIN_BUDGETS = (24 * 2**30, 80 * 2**30)  # a 24 GB card (RTX 4090) and an 80 GB one (A100, H100)
+
+
+def train_peak(n_params, a, b, T, batch=1):
+    """Memory of training at context T: weights (fp32, 4 bytes per parameter) and AdamW's two fp32
+    moments (8 bytes) counted, plus the measured step's peak at batch 1 fitted as a + b·T
+    (gradients, fp32: 4 bytes per parameter, are in a, with autocast's weight copies; the
+    activations in b·T, which grow with the batch)."""
+    return 12 * n_params + a + batch * b * T
+
+
+def train_budget(n_params, a, b, budget):
+    """The longest T whose training step at batch 1 fits in budget (train_peak(T) <= budget).
+    None: no growth in T measured."""
+    return math.floor((budget - train_peak(n_params, a, 0.0, 0)) / b) if b > 0 else None
+
+
+def train_budget_table(names, contexts, cells, params):
+    """Per variant: the measured training peaks (batch 1) without and with activation
+    checkpointing, fitted by a line in T, and the longest block_size that trains in each budget."""
+    gib = ' and '.join(f"{n / 2**30:g} GiB" for n in TRAIN_BUDGETS)
+    head = ['variant', 'params', 'weights + AdamW (counted)', 'gradients (counted)',
+            'fixed (fit)', 'per token (fit)', 'per token ckpt (fit)', 'points']
+    head += [f"longest T in {n / 2**30:g} GiB{ckpt}" for n in TRAIN_BUDGETS
+             for ckpt in ('', ' ckpt')]
+    lines = [f"\n### training budget: longest block_size that trains at batch 1 in {gib}, "
+             f"extrapolated linearly from the measured step peaks: fp32 weights (4 B/param) and "
+             f"AdamW's two moments (8 B/param) counted, plus the measured peak of one step "
+             f"(gradients 4 B/param, autocast's weight copies, activations) as fixed + per "
+             f"token·T\n", '| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
+    fits = {}
+    for v in names:
+        ok = [T for T in contexts if cells.get((v, T, 'train'), {}).get('status') == 'ok'
+              and cells[(v, T, 'train')]['batch'] == 1]
+        if not ok or v not in params:
+            lines.append(f"| {v} | | | | | | | 0 |" + ' |' * len(TRAIN_BUDGETS) * 2)
+            continue
+        P = params[v]
+        fit = {k: fit_line([(T, cells[(v, T, 'train')][k]) for T in ok])
+               for k in ('peak_bytes', 'peak_bytes_ckpt')}
+        longest = {(n, k): train_budget(P, *fit[k], n) for n in TRAIN_BUDGETS for k in fit}
+        fits[v] = dict(params=P, fit=fit, points=len(ok),
+                       longest_T={f"{n}{'_ckpt' if 'ckpt' in k else ''}": x
+                                  for (n, k), x in longest.items()})
+        row = [v, f"{P / 1e6:.1f}M", fmt_bytes(12 * P), fmt_bytes(4 * P),
+               fmt_bytes(fit['peak_bytes'][0]), fmt_bytes(fit['peak_bytes'][1]),
+               fmt_bytes(fit['peak_bytes_ckpt'][1]), str(len(ok))]
+        row += [fmt_longest(longest[(n, k)]) for n in TRAIN_BUDGETS
+                for k in ('peak_bytes', 'peak_bytes_ckpt')]
+        lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines), fits
 
 
@@ -539,6 +669,10 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, help="CPU threads per cell (default: 1 for tiny and "
                    "small, whose matmuls are too small to gain from threads, torch's default of "
                    "one per core for gpt2)")
+    p.add_argument('--predict', choices=GPUS, help="decode: beside each cell, the tok/s its "
+                   "step's bytes and FLOPs predict on this GPU at batch 1 and 16")
+    p.add_argument('--predict_only', action='store_true', help="with --predict: print the "
+                   "predicted table alone, nothing measured (seconds at any size)")
     p.add_argument('--json')
     p.add_argument('--csv')
     p.add_argument('--plot', help="PNG of prefill peak and state bytes vs T (needs matplotlib)")
@@ -562,6 +696,10 @@ def parse_args(argv=None):
     if 'train' in args.mode and 0 < args.tokens_per_step < max(args.contexts):
         p.error(f"--tokens_per_step {args.tokens_per_step} is below the longest context "
                 f"{max(args.contexts)}: raise it to at least that")
+    if (args.predict or args.predict_only) and args.mode != ['decode']:
+        p.error("--predict and --predict_only go with --mode decode alone")
+    if args.predict_only and not args.predict:
+        p.error("--predict_only needs --predict NAME, e.g. --predict H100-SXM")
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device; use --device cpu")
     for path in (args.json, args.csv, args.plot):  # fail now, not after hours of measuring
@@ -600,6 +738,10 @@ def main(argv=None):
                 batch = max(1, args.tokens_per_step // T)
                 specs.append(dict(base, kind='train', modes=['train'], batch=batch))
 
+    if args.predict_only:
+        specs = []
+    predicted = args.predict and predictions(args.preset, args.variants, args.contexts,
+                                             args.predict)
     cuda = args.device == 'cuda'
     meter = 'torch.cuda.max_memory_allocated' if cuda else 'live tensor storages (Tracker)'
     limit = '.' if cuda else f", memory limit {fmt_bytes(args.mem_limit)}."
@@ -609,7 +751,7 @@ def main(argv=None):
           f"{args.prefill_chunk or 'whole prompt'} for InAttention's 's' cache, "
           f"{args.baseline_chunk or 'whole prompt'} for the others. Each cell: its own process, "
           f"timeout {args.timeout:g} s{limit}")
-    cells, weights, failures = {}, {}, []
+    cells, weights, params, failures = {}, {}, {}, []
     bar = tqdm(specs, desc='cells', unit='cell', disable=None)  # a bar on a terminal only
     for spec in bar:
         bar.set_postfix_str(f"{spec['variant']} T={spec['T']} {spec['kind']}")
@@ -618,6 +760,7 @@ def main(argv=None):
         seconds = time.monotonic() - t0
         if 'weights' in results:
             weights[spec['variant']] = results.pop('weights')
+            params[spec['variant']] = results.pop('params')
         for mode in spec['modes']:
             c = dict(status=status, message=message)
             if mode in results:
@@ -631,7 +774,7 @@ def main(argv=None):
           + ', '.join(f"{v} {fmt_bytes(n)}" for v, n in weights.items()))
     for mode in MODES:
         if mode == 'decode' and mode in args.mode:
-            print(decode_table(args.variants, args.contexts, cells))
+            print(decode_table(args.variants, args.contexts, cells, predicted, args.predict))
         elif mode in args.mode:
             print(markdown_table(mode, args.variants, args.contexts, cells))
     mismatch = [f"{v} T={T}: measured {c['state_bytes']} B, formula {c['formula_bytes']} B"
@@ -639,16 +782,23 @@ def main(argv=None):
                 if m == 'state' and c['status'] == 'ok' and c['state_bytes'] != c['formula_bytes']]
     if mismatch:
         print("\nstate: measured differs from the formula: " + '; '.join(mismatch))
-    fits = {}
+    fits, train_fits = {}, {}
     if 'prefill' in args.mode:
         text, fits = budget_table(args.variants, args.contexts, cells, weights, args.budget)
+        print(text)
+    if 'train' in args.mode:
+        text, train_fits = train_budget_table(args.variants, args.contexts, cells, params)
         print(text)
     if failures:
         print("\nFailed cells:\n" + '\n'.join(f"- {f}" for f in failures))
 
     rows = [dict(variant=v, T=T, mode=m, **c) for (v, T, m), c in cells.items()]
     if args.json:
-        run = dict(args=vars(args), weights_bytes=weights, budget=fits, cells=rows)
+        run = dict(args=vars(args), weights_bytes=weights, budget=fits, cells=rows,
+                   train_budget=train_fits,
+                   predicted=[dict(variant=v, T=T, gpu=args.predict, batch=b, tok_s=x)
+                              for (v, T), by_batch in (predicted or {}).items()
+                              for b, x in by_batch.items()])
         write_atomic(args.json, lambda f: json.dump(run, f, indent=1))
     if args.csv:
         first = ['variant', 'T', 'mode', 'status']

@@ -12,7 +12,10 @@ and nothing installed or downloaded:
      150 s are left, every row -> assets/bench_gpt2_cuda.json and assets/vram_gpt2_cuda.png
   4. decode tokens/s at 32K: InAttention's absorbed step (each GPTConfig.inattn_decode form, where
      the model has that field) against its K/V cache, batch 1 and 16
-  5. a markdown summary on stdout, in assets/gpu_check_cuda.md, and in $OUT with the files above
+  5. the one-card configs (config/*_1gpu.py): 3 iterations each at its block size and batch, from
+     scratch on synthetic GPT-2-sized tokens, eager; train.py's peak memory against the training
+     budget's prediction (bench_vram.py --mode train on this GPU, fitted and extrapolated)
+  6. a markdown summary on stdout, in assets/gpu_check_cuda.md, and in $OUT with the files above
      where OUT is set
 
 --dry-run does the same on the CPU at tiny sizes, eager, float32 instead of float16 (train.py
@@ -55,14 +58,20 @@ SETTINGS = {  # what differs between the real check and the dry run
                  preset='gpt2', contexts='4096,32768', long_context=(131072, 150), cell_timeout=45,
                  must_run=32768,  # every bench cell up to this context
                                   # must run (the T x T baseline may OOM)
-                 decode=dict(preset='gpt2', T=32768, batches=(1, 16), steps=32, chunk=1024)),
+                 decode=dict(preset='gpt2', T=32768, batches=(1, 16), steps=32, chunk=1024),
+                 onecard=dict(preset='gpt2', contexts='1024,2048', needs=90,
+                              train=['--device=cuda', '--compile=False'])),
     'cpu': dict(deadline=170, parallel=2, chars=200_000, dtypes=('bfloat16', 'float32'),
                 train=['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2',
                        '--n_embd=32', '--block_size=64', '--batch_size=8', '--lightning_block=16',
                        '--infini_segment=16'],
                 preset='tiny', contexts='128,512', long_context=(1024, 60), cell_timeout=60,
                 must_run=512,
-                decode=dict(preset='tiny', T=256, batches=(1, 16), steps=8, chunk=64)),
+                decode=dict(preset='tiny', T=256, batches=(1, 16), steps=8, chunk=64),
+                onecard=dict(preset='tiny', contexts='64,128', needs=30,
+                             train=['--device=cpu', '--compile=False', '--dtype=float32',
+                                    '--n_layer=2', '--n_head=2', '--n_embd=64',
+                                    '--block_size=128', '--batch_size=2'])),
 }
 HAS_DECODE_FORMS = 'inattn_decode' in {f.name for f in fields(GPTConfig)}
 DECODE_FORMS = ('gemm', 'stream', 'auto') if HAS_DECODE_FORMS else ()
@@ -93,6 +102,59 @@ def write_dataset(folder, n_chars):
     with open(folder / 'meta.pkl', 'wb') as f:
         itos = {i: ch for ch, i in stoi.items()}
         pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': itos}, f)
+
+
+def write_token_dataset(folder, n_tokens):
+    """Random GPT-2 token ids in train.bin/val.bin and no meta.pkl: a dataset of GPT-2's
+    vocabulary (the model is OpenWebText's shape), for memory and not for learning."""
+    ids = np.random.default_rng(0).integers(0, 50257, n_tokens, dtype=np.uint16)
+    folder.mkdir(parents=True)
+    ids[:int(0.9 * n_tokens)].tofile(folder / 'train.bin')
+    ids[int(0.9 * n_tokens):].tofile(folder / 'val.bin')
+
+
+ONECARD = {'causal': 'train_long_gpt2_1gpu', 'inattention': 'inattn_long_gpt2_1gpu'}
+
+
+def onecard_configs(work, s, env, remaining):
+    """A few iterations of each one-card config, from scratch, against the training budget's
+    prediction of its peak: bench_vram.py --mode train on this device at two contexts, the line
+    through them extrapolated to the config's block size and batch (bench_vram.train_peak).
+    -> (markdown lines, failures)"""
+    import bench_vram
+    o = s['onecard']
+    bench_json = work / 'bench_train.json'
+    ok, _, _ = run('bench_vram train', [
+        sys.executable, 'bench_vram.py', '--device', o['train'][0].removeprefix('--device='),
+        '--preset', o['preset'], '--mode', 'train', '--variants', ','.join(ONECARD),
+        '--contexts', o['contexts'], '--json', bench_json], remaining(60), env)
+    if not ok:
+        return [], ["one-card configs: bench_vram.py --mode train failed (the log has its output)"]
+    budget = json.loads(bench_json.read_text())['train_budget']
+    write_token_dataset(work / 'tokens', 400_000)
+    lines = ["| config | block_size | batch | grad_checkpoint | peak (train.py) | predicted | "
+             "measured / predicted | seconds |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    failures = []
+    for v, name in ONECARD.items():
+        cmd = [sys.executable, 'train.py', f"config/{name}.py", '--init_from=scratch',
+               f"--dataset={work / 'tokens'}", f"--out_dir={work / name}", '--wandb_log=False',
+               '--max_iters=3', '--eval_interval=3', '--eval_iters=1', '--log_interval=1',
+               '--gradient_accumulation_steps=2', '--bias=True', *o['train']]  # GPT-2's shape
+        ok, out, secs = run(name, cmd, remaining(120), env)
+        if not ok:
+            failures.append(f"one-card config {name}: train.py failed")
+            continue
+        cfg = torch.load(work / name / 'ckpt.pt', map_location='cpu', weights_only=False)['config']
+        T, B, ckpt = cfg['block_size'], cfg['batch_size'], cfg['grad_checkpoint']
+        fit = budget[v]['fit']['peak_bytes_ckpt' if ckpt else 'peak_bytes']
+        predicted = bench_vram.train_peak(budget[v]['params'], *fit, T, B)
+        peak = re.search(r'^peak GPU memory: (\d+) bytes', out, re.M)
+        measured = int(peak.group(1)) if peak else None
+        shown = (f"{measured / 2**30:.2f} GiB | {predicted / 2**30:.2f} GiB | "
+                 f"{measured / predicted:.2f}" if measured else
+                 f"n/a on the CPU | {predicted / 2**30:.3f} GiB | n/a")
+        lines.append(f"| {name} | {T} | {B} | {ckpt} | {shown} | {secs:.0f} |")
+    return lines, failures
 
 
 def run(name, cmd, timeout, env=None):
@@ -290,7 +352,19 @@ def main():
     decode_secs = time.monotonic() - t0
     log(f"decode speed: {'done' if speed else 'FAILED'}")
 
-    # 5: the summary
+    # 5: the one-card configs, where there is time
+    onecard_lines, onecard_secs = [], 0.0
+    if remaining(s['onecard']['needs']) >= s['onecard']['needs']:
+        t0 = time.monotonic()
+        onecard_lines, bad = onecard_configs(work, s, env, remaining)
+        failures += bad
+        onecard_secs = time.monotonic() - t0
+        log(f"one-card configs: {'done' if not bad else 'FAILED'}")
+    else:
+        notes.append(f"the one-card configs were left out: they need {s['onecard']['needs']} s, "
+                     f"and fewer were left.")
+
+    # 6: the summary
     total = time.monotonic() - START
     if total > s['deadline'] + 10:
         failures.append(f"the check took {total:.0f} s, more than its {s['deadline'] + 10} s")
@@ -313,6 +387,13 @@ def main():
           '|---|' + '---:|' * len(d['batches'])]
     md += [f"| {row} | " + ' | '.join(f"{r[B]:,.0f}" for B in d['batches']) + ' |'
            for row, r in speed.items()]
+    if onecard_lines:
+        md += [f"\n## One-card configs: 3 iterations at their block size, from scratch, eager "
+               f"({onecard_secs:.0f} s)\n",
+               "Peak: torch.cuda.max_memory_allocated in train.py. Predicted: weights and AdamW "
+               "(12 bytes per parameter) + the training step's peak measured by bench_vram.py "
+               "--mode train at two contexts on this device, fitted as fixed + per token · T "
+               "and extrapolated to block_size · batch.\n", *onecard_lines]
     if not DECODE_FORMS:
         notes.append("GPTConfig has no inattn_decode field: the absorbed step has one form.")
     md += [f"\n{n}" for n in notes]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 
@@ -50,6 +51,7 @@ class GPTConfig:
     inattn_decode: str = 'auto'  # absorbed decode: 'gemm' (two passes over s), 'stream' (one pass)
     inattn_prefix: int = 0   # InAttention: the first m blocks are causal, s is taken after them
     inattn_shift: int = 0    # InAttention: s also sees the previous k positions (token shift)
+    grad_checkpoint: bool = False  # training: recompute each block in backward (less memory)
     lightning_block: int = 64     # Lightning: block length of the tiled training form
     infini_segment: int = 64      # Infini-attention: segment length N
     infini_update: str = 'linear'  # Infini-attention memory update: 'linear' or 'delta'
@@ -644,7 +646,14 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             if i == self.config.inattn_prefix and self.transformer.ln_in is not None:
                 s = self.initial_states(x, cache)  # from the stream entering block m
-            x = block(x, s, None if cache is None else cache.layers[i])
+            if self.config.grad_checkpoint and cache is None and self.training \
+                    and torch.is_grad_enabled():
+                # activation checkpointing: keep only the block's input, rerun its forward in
+                # backward (same dropout masks: the RNG state is saved and restored)
+                x = torch.utils.checkpoint.checkpoint(block, x, s, use_reentrant=False,
+                                                      preserve_rng_state=True)
+            else:
+                x = block(x, s, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)

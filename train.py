@@ -90,6 +90,7 @@ inattn_cache = 's'
 inattn_decode = 'auto'
 inattn_prefix = 0
 inattn_shift = 0
+grad_checkpoint = False  # recompute each block in backward: less memory, one more forward a step
 lightning_block = 64
 infini_segment = 64
 infini_update = 'linear'
@@ -130,7 +131,8 @@ globals().update(config)  # the overrides become the variables above (nanoGPT's 
 SAFE_ON_RESUME = ('max_iters', 'lr_decay_iters', 'eval_interval', 'log_interval', 'eval_iters',
                   'eval_only', 'always_save_checkpoint', 'wandb_log', 'wandb_project',
                   'wandb_run_name', 'init_from', 'init_hint', 'auto_resume', 'overwrite', 'device',
-                  'backend', 'compile', 'check_sync', 'peak_tflops', 'on_nonfinite', 'out_dir')
+                  'backend', 'compile', 'check_sync', 'peak_tflops', 'on_nonfinite', 'out_dir',
+                  'grad_checkpoint')
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
 
 
@@ -282,7 +284,7 @@ if init_from != 'scratch' and not from_gpt2:
     # checkpoint's value; one set to another value is a mistake. Not fixed: regularisation,
     # implementation and evaluation knobs, the vocabulary (checked below), block_size (below).
     runtime_keys = ('dropout', 'sdpa', 'inattn_cache', 'inattn_decode', 'lightning_block',
-                    'infini_segment', 'infini_memory', 'infini_beta_lr')
+                    'infini_segment', 'infini_memory', 'infini_beta_lr', 'grad_checkpoint')
     for k in model_args:
         fixed = k not in ('block_size', *runtime_keys)
         if fixed and config[k] != defaults[k] and config[k] != saved.get(k, defaults[k]):
@@ -420,6 +422,7 @@ if block_size > model.config.block_size:
 elif block_size < model.config.block_size:
     log(f"cropping block_size {model.config.block_size} -> {block_size}")
     model.crop_block_size(block_size)
+model.config.grad_checkpoint = grad_checkpoint  # a memory knob of this run, never inherited
 model.to(device)
 log(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
 
@@ -717,6 +720,9 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
+if device_type == 'cuda':  # what .ci/gpu compares with bench_vram's training budget
+    peak = torch.cuda.max_memory_allocated()
+    log(f"peak GPU memory: {peak} bytes ({peak / 2**30:.2f} GiB, torch.cuda.max_memory_allocated)")
 if scaler.is_enabled():
     log(f"float16: the GradScaler skipped {skipped_steps} of {local_iter_num} optimizer steps")
 if wandb_log and master_process:
