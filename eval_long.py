@@ -143,6 +143,16 @@ def encoder(meta):
     return encode
 
 
+def save_png(fig, path, dpi=130):
+    """Write a matplotlib figure to path as a PNG, whole (a temp file, then renamed), and close it."""
+    import matplotlib.pyplot as plt
+    tmp = f'{path}.{os.getpid()}.tmp'
+    fig.savefig(tmp, dpi=dpi, format='png')
+    plt.close(fig)
+    os.replace(tmp, path)
+    print(f'wrote {path}')
+
+
 # -----------------------------------------------------------------------------
 # loss by position
 
@@ -267,10 +277,7 @@ def plot_losses(curves, width, mark, path):
     ax.set_title(f'loss by position: every position (faint) and buckets of {width}')
     ax.legend()
     fig.tight_layout()
-    tmp = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed
-    fig.savefig(tmp, format='png', dpi=120)
-    os.replace(tmp, path)
-    print(f'wrote {path}')
+    save_png(fig, path, dpi=120)
 
 
 # -----------------------------------------------------------------------------
@@ -315,10 +322,7 @@ def plot_curves(runs, path):
     ax.set_title('training loss (faint: logged iterations), validation loss (dots: evaluations)')
     ax.legend()
     fig.tight_layout()
-    tmp = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed
-    fig.savefig(tmp, format='png', dpi=120)
-    os.replace(tmp, path)
-    print(f'wrote {path}')
+    save_png(fig, path, dpi=120)
 
 
 def training_curves(names, path):
@@ -533,11 +537,7 @@ def plot_by_distance(by_distance, path):
     ax.set_ylim(0, 101)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed
-    fig.savefig(tmp, dpi=130, format='png')
-    plt.close(fig)
-    os.replace(tmp, path)
-    print(f'wrote {path}')
+    save_png(fig, path)
 
 
 def plot_heads(maps, path):
@@ -561,11 +561,7 @@ def plot_heads(maps, path):
         for ax in ax_row[len(row):]:
             ax.axis('off')
     fig.tight_layout()
-    tmp = f'{path}.{os.getpid()}.tmp'  # written whole, then renamed
-    fig.savefig(tmp, dpi=130, format='png')
-    plt.close(fig)
-    os.replace(tmp, path)
-    print(f'wrote {path}')
+    save_png(fig, path)
 
 
 def head_inputs(ckpt, dataset, sequences, block_size):
