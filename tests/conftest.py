@@ -80,6 +80,16 @@ def run(script, *args, cwd, expect_ok=True):
     return r
 
 
+def train_then_resume(char_data, tmp_path, *model_args):
+    """train.py trains a tiny model with model_args for 2 iterations, then the same command with
+    max_iters=3 must resume it (auto_resume) at iteration 2; -> the checkpoint it wrote."""
+    args = [*TINY, f'--dataset={char_data}', '--out_dir=out', '--eval_interval=2', *model_args]
+    run('train.py', *args, '--max_iters=2', cwd=tmp_path)
+    r = run('train.py', *args, '--max_iters=3', cwd=tmp_path)
+    assert 'auto_resume' in r.stdout and 'iter 2:' in r.stdout
+    return torch.load(tmp_path / 'out' / 'ckpt.pt', map_location='cpu', weights_only=False)
+
+
 def run_here(script, *args):
     """Run a repo script inside this process until it exits: -> (exit status, stdout,
     stderr). No new Python and torch imports, so it is fast; for runs that do not train (bad

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, assert_cached_equals_uncached, run, tiny_gpt, varied_gpt
+from conftest import assert_cached_equals_uncached, tiny_gpt, train_then_resume, varied_gpt
 from model import CausalSelfAttention, InAttention
 
 REFERENCE = Path(__file__).parent / 'reference' / 'inattention_logits.pt'
@@ -100,10 +100,6 @@ def test_extend_block_size_keeps_the_prefix_working():
 
 
 def test_train_py_trains_and_resumes_a_prefixed_model(char_data, tmp_path):
-    args = [*TINY, f'--dataset={char_data}', '--out_dir=out', '--attention=inattention',
-            '--n_layer=2', '--inattn_prefix=1', '--eval_interval=2']
-    run('train.py', *args, '--max_iters=2', cwd=tmp_path)
-    r = run('train.py', *args, '--max_iters=3', cwd=tmp_path)
-    assert 'auto_resume' in r.stdout and 'iter 2:' in r.stdout
-    saved = torch.load(tmp_path / 'out' / 'ckpt.pt', map_location='cpu', weights_only=False)
+    saved = train_then_resume(char_data, tmp_path, '--attention=inattention', '--n_layer=2',
+                              '--inattn_prefix=1')
     assert saved['model_args']['inattn_prefix'] == 1

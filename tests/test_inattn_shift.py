@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from checkpoint import build_model
-from conftest import TINY, one_line_error, run, tiny_gpt
+from conftest import (TINY, assert_cached_equals_uncached, one_line_error, run, tiny_gpt,
+                      train_then_resume, varied_gpt)
 from test_inattn_prefix import REFERENCE
 
 SHIFTS = [1, 2]
@@ -77,16 +78,12 @@ def test_s_reads_exactly_the_previous_k_positions(k):
 @pytest.mark.parametrize('k', [0, *SHIFTS])
 @pytest.mark.parametrize('layout', ['s', 'kv'])
 def test_cached_decoding_equals_uncached_also_past_block_size(k, m, layout):
-    """Sampled (temperature 1, the same seed), so the text varies; 10 + 40 tokens slide the
-    32-token window, which rebuilds the cache (the shift starts from zeros again)."""
-    model = shifted(k, m, inattn_cache=layout)
-    idx = prompt(2, 10, 2)
-    torch.manual_seed(7)
-    cached = model.generate(idx, 40, temperature=1.0)
-    torch.manual_seed(7)
-    uncached = model.generate(idx, 40, temperature=1.0, use_cache=False)
-    assert all(len(set(row[10:].tolist())) >= 8 for row in cached), "the output must vary"
-    assert torch.equal(cached, uncached)
+    """On a model whose output varies, every step's logits; 10 + 40 tokens slide the 32-token
+    window, which rebuilds the cache (the shift starts from zeros again); prefill chunks of 3."""
+    model = varied_gpt(attention='inattention', n_layer=3, inattn_prefix=m, inattn_shift=k,
+                       inattn_cache=layout)
+    assert_cached_equals_uncached(model, prompt(2, 10, 2), 40)
+    assert_cached_equals_uncached(model, prompt(2, 10, 2), 40, prefill_chunk=3)
 
 
 @pytest.mark.parametrize('m', PREFIXES)
@@ -155,12 +152,8 @@ def test_train_py_stops_with_one_line_on_a_shift_without_initial_states(char_dat
 
 
 def test_train_py_trains_and_resumes_a_shifted_model(char_data, tmp_path):
-    args = [*TINY, f'--dataset={char_data}', '--out_dir=out', '--attention=inattention',
-            '--inattn_shift=2', '--inattn_prefix=1', '--eval_interval=2']
-    run('train.py', *args, '--max_iters=2', cwd=tmp_path)
-    r = run('train.py', *args, '--max_iters=3', cwd=tmp_path)
-    assert 'auto_resume' in r.stdout and 'iter 2:' in r.stdout
-    saved = torch.load(tmp_path / 'out' / 'ckpt.pt', map_location='cpu', weights_only=False)
+    saved = train_then_resume(char_data, tmp_path, '--attention=inattention', '--inattn_shift=2',
+                              '--inattn_prefix=1')
     assert saved['model_args']['inattn_shift'] == 2
     assert saved['model']['transformer.shift.weight'].shape == (32, 64)
 
