@@ -1,4 +1,4 @@
-"""The GPU check, run as `bash .ci/gpu` on a machine with one CUDA GPU (README:
+"""The GPU check, run as `bash .ci/gpu` on a machine with one CUDA GPU (docs/guide.md:
 "Checking on a GPU"). In at most five minutes on an H200, with the torch that is there
 and nothing installed or downloaded:
 

@@ -294,9 +294,9 @@ class InAttention(CausalSelfAttention):
     @classmethod
     def decode_form(cls, inattn_decode, T, device_type):
         """The absorbed step's form at T tokens of s: inattn_decode, where 'auto' is 'stream' on a
-        CPU from stream_from tokens on, where one pass was measured faster (README); else 'gemm': a
-        shorter s stays in cache between the two passes, and on a GPU the loop over blocks would
-        launch a dozen small kernels per block."""
+        CPU from stream_from tokens on, where one pass was measured faster (docs/results.md); else
+        'gemm': a shorter s stays in cache between the two passes, and on a GPU the loop over blocks
+        would launch a dozen small kernels per block."""
         if inattn_decode != 'auto':
             return inattn_decode
         return 'stream' if device_type == 'cpu' and T >= cls.stream_from else 'gemm'

@@ -5,7 +5,7 @@
 #   torchrun --standalone --nproc_per_node=8 train.py config/inattn_gpt2.py
 # $ python train.py config/inattn_long_gpt2_1gpu.py
 # $ python eval_long.py --ckpt=out-inattn-gpt2,out-inattn-long-gpt2-1gpu --context=4096 --extend=interpolate --mark=1024 --device=cuda
-# Sized by bench_vram.py's training budget (README; measured at 2048 and 4096 tokens, extrapolated):
+# Sized by bench_vram.py's training budget (docs/results.md; measured at 2048 and 4096 tokens, extrapolated):
 # 4 sequences of 4096 tokens are predicted to need ~17.5 GiB without checkpointing, 8 with it
 # ~24.2 GiB (over), so checkpointing buys no power-of-two batch here and stays off (faster);
 # .ci/gpu measures the peak. The same 524,288 tokens per step as the 8-GPU recipe.

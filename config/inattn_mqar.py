@@ -24,7 +24,7 @@ n_embd = 64
 dropout = 0.0
 attention = 'inattention'
 
-learning_rate = 1e-2  # the sweep (README): 1e-3 and 3e-3 stay on the plateau far longer
+learning_rate = 1e-2  # the sweep (docs/results.md): 1e-3 and 3e-3 stay on the plateau far longer
 max_iters = 20000
 lr_decay_iters = 20000
 min_lr = 1e-4

@@ -2,7 +2,8 @@
 # each key asked again at a random place of a 64-token sequence; the loss counts recall only.
 # 2 layers, 64 wide, as Zoology's smallest models: on one CPU thread vanilla attention leaves the
 # "one of the values seen" plateau near step 6,000 (8 minutes) and recalls 99.7% by step 10,000
-# (README). The data (prepare_data.py mqar: 100,000 training sequences) is prepared on first use.
+# (docs/results.md). The data (prepare_data.py mqar: 100,000 training sequences) is prepared on
+# first use.
 #   python eval_long.py --ckpt=out-mqar --mode=mqar    # recall accuracy on the 3,000 val sequences
 # Twins that change only the attention: inattn_mqar.py, lightning_mqar.py, infini_mqar.py.
 
@@ -26,7 +27,7 @@ n_head = 2
 n_embd = 64
 dropout = 0.0
 
-learning_rate = 1e-2  # the sweep (README): 1e-3 and 3e-3 stay on the plateau far longer
+learning_rate = 1e-2  # the sweep (docs/results.md): 1e-3 and 3e-3 stay on the plateau far longer
 max_iters = 20000
 lr_decay_iters = 20000
 min_lr = 1e-4
