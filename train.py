@@ -260,7 +260,6 @@ for split in ('train', 'val'):
         die(f"{data_dir}/{split}.bin has {n_tokens} tokens, too few for block_size={block_size}: "
             f"use a smaller block_size or more text", status=2)
 
-
 try:  # the ids must mean what they meant in training
     check_vocabulary(start, meta, dataset)
 except StartError as e:
@@ -338,7 +337,6 @@ if start.kind == 'resume':
             f"start a new run from its weights with --init_from={start.path}", status=2)
 iter_num, best_val_loss = start.iter_num, start.best_val_loss  # a resume's: its checkpoint's
 start.checkpoint = checkpoint = None  # free up memory
-
 
 
 def compiled(model):
