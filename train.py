@@ -14,6 +14,7 @@ Every variable in the block below is a config key: set it in a config file or wi
 No run is lost: when out_dir already holds a checkpoint, init_from does not apply. The same run's
 command (the same config, but for SAFE_ON_RESUME) resumes it (auto_resume), so a re-run or a
 torchrun restart continues; any other command stops with one line, unless --overwrite=True.
+checkpoint.decide_start states these rules, and the others of how a run starts, in one place.
 Each micro-batch (its data and its dropout masks) is a function of (seed, iteration, micro-step)
 alone, so a run is reproducible, a resumed run continues exactly like an uninterrupted one, and DDP
 over N processes computes the same steps as one process with the same gradient_accumulation_steps.
@@ -49,9 +50,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import prepare_data
-from checkpoint import (GPT2_META, DiskFull, autocast_context, build_model, checkpoint_path,
-                        data_folder, dataset_meta, load_checkpoint, load_gpt2,
-                        prepare_dataset, resume_path, write_checkpoint)
+from checkpoint import (DiskFull, StartError, autocast_context, build_model, check_vocabulary,
+                        data_folder, dataset_meta, decide_start, load_gpt2, prepare_dataset,
+                        write_checkpoint)
 from configurator import configure_or_exit, die
 from model import GPT, GPTConfig, check_config
 
@@ -126,13 +127,6 @@ defaults = {k: v for k, v in globals().items()
 master = os.environ.get('RANK', '0') == '0'  # under torchrun only rank 0 echoes the config
 config = configure_or_exit(defaults, sys.argv[1:], echo=master)
 globals().update(config)  # the overrides become the variables above (nanoGPT's configurator)
-# keys that a resumed run may change: they do not change what is trained, only when it stops, how
-# it is watched, and where it runs
-SAFE_ON_RESUME = ('max_iters', 'lr_decay_iters', 'eval_interval', 'log_interval', 'eval_iters',
-                  'eval_only', 'always_save_checkpoint', 'wandb_log', 'wandb_project',
-                  'wandb_run_name', 'init_from', 'init_hint', 'auto_resume', 'overwrite', 'device',
-                  'backend', 'compile', 'check_sync', 'peak_tflops', 'on_nonfinite', 'out_dir',
-                  'grad_checkpoint')
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
 
 
@@ -232,82 +226,15 @@ torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu'  # for autocast
 dtype, ctx = autocast_context(device_type, dtype)
 
-
-def same_run_differences(saved):
-    """The keys (but SAFE_ON_RESUME) whose value differs between a checkpoint's config and ours."""
-    keys = [k for k in config if k not in SAFE_ON_RESUME]
-    return [k for k in keys if saved.get(k, defaults[k]) != config[k]]
-
-
-# No lost runs: a checkpoint in out_dir decides how this run starts, before init_from does
-own_checkpoint = resume_path(out_dir)  # ckpt.pt, or last.pt when it is later (see the top)
-if init_from != 'resume' and not eval_only and os.path.isfile(own_checkpoint):
-    saved_run = load_checkpoint(own_checkpoint)
-    differ = same_run_differences(saved_run.get('config', {}))
-    at = f"{own_checkpoint} (iteration {saved_run.get('iter_num', '?')})"
-    ways_out = ("continue it with --init_from=resume, use another --out_dir, or --overwrite=True "
-                "to start over there")
-    if overwrite:
-        log(f"overwrite=True: a new run replaces {at} at its first checkpoint")
-    elif not auto_resume:
-        die(f"{out_dir} already holds a checkpoint, {at}, and auto_resume=False: {ways_out}",
-            status=2)
-    elif differ:
-        shown = ', '.join(f"{k}={saved_run['config'].get(k, defaults[k])!r} there, "
-                          f"{config[k]!r} here" for k in differ[:3])
-        die(f"{at} is another run's checkpoint ({shown}): {ways_out}", status=2)
-    else:
-        log(f"auto_resume: {at} is this run's checkpoint: resuming it")
-        init_from = 'resume'
-    saved_run = None
-
-# the checkpoint to start from, read and checked before the data: a wrong one is reported at once
-checkpoint = None
-from_gpt2 = init_from.startswith('gpt2') and not os.path.exists(init_from)
-position_table = 1024 if from_gpt2 else None  # rows of the position table we start from
-if init_from != 'scratch' and not from_gpt2:
-    ckpt_path = checkpoint_path(init_from, out_dir)
-    if init_from == 'resume':  # ckpt.pt, or last.pt when it is later (see the top)
-        ckpt_path = resume_path(out_dir)
-    if not os.path.isfile(ckpt_path):
-        make = "train one first, or use --init_from=scratch"
-        if init_hint:
-            make = f"make it with `{init_hint}`"
-        die(f"init_from={init_from!r}: no checkpoint at {ckpt_path}; {make}", status=2)
-    checkpoint = load_checkpoint(ckpt_path)  # a truncated or foreign file stops with one line
-    saved = checkpoint['model_args']
-    resumable = {'optimizer', 'iter_num', 'best_val_loss'} <= checkpoint.keys()
-    if init_from == 'resume' and not resumable:
-        die(f"{ckpt_path} holds weights but no optimizer state, so it cannot be resumed: start a "
-            f"new run from it with --init_from={ckpt_path}", status=2)
-    # the checkpoint fixes the architecture (nanoGPT): a key left at its default takes the
-    # checkpoint's value; one set to another value is a mistake. Not fixed: regularisation,
-    # implementation and evaluation knobs, the vocabulary (checked below), block_size (below).
-    runtime_keys = ('dropout', 'sdpa', 'inattn_cache', 'inattn_decode', 'lightning_block',
-                    'infini_segment', 'infini_memory', 'infini_beta_lr', 'grad_checkpoint')
-    for k in model_args:
-        fixed = k not in ('block_size', *runtime_keys)
-        if fixed and config[k] != defaults[k] and config[k] != saved.get(k, defaults[k]):
-            die(f"{k}={config[k]!r} was asked for but {ckpt_path} is a model with "
-                f"{k}={saved.get(k)!r}: drop the {k} override (the checkpoint fixes the "
-                f"architecture), or train from scratch", status=2)
-    if init_from == 'resume' and block_size == defaults['block_size']:
-        block_size = saved['block_size']  # as the architecture: the default takes the checkpoint's
-        config['block_size'] = block_size
-    if init_from == 'resume' and block_size != saved['block_size']:
-        die(f"resume continues the same run, but block_size={block_size} differs from the "
-            f"checkpoint's {saved['block_size']}: drop the override, or start a new run with "
-            f"--init_from={ckpt_path}", status=2)
-    if init_from == 'resume' and not eval_only and checkpoint['iter_num'] >= max_iters:
-        stop_all(f"{ckpt_path} is at iteration {checkpoint['iter_num']}, max_iters={max_iters}: "
-                 f"nothing left to do (raise --max_iters to train on)", status=0)
-    position_table = None
-    if saved.get('pos_emb', 'learned') == 'learned':  # nanoGPT's checkpoints: learned positions
-        position_table = saved['block_size']
-if position_table is not None and block_size > position_table and extend_method == 'none':
-    die(f"block_size={block_size} is past the {position_table} rows of the position table of "
-        f"{init_from}: use --extend_method=interpolate (or copy) to grow it, or "
-        f"block_size<={position_table}", status=2)
+# how the run starts, by the rules of checkpoint.decide_start: its checkpoint is read and checked
+# before the data, so that a wrong one is reported at once
+try:
+    start = decide_start(config, defaults, log)
+except StartError as e:
+    die(e, status=2)
+if start.stop:
+    stop_all(start.stop, status=0)
+block_size = config['block_size'] = start.block_size  # a resume's default: its checkpoint's
 
 # data: a dataset name is prepared on first use (by one process, while the others wait)
 data_dir = data_folder(dataset)
@@ -333,31 +260,10 @@ for split in ('train', 'val'):
         die(f"{data_dir}/{split}.bin has {n_tokens} tokens, too few for block_size={block_size}: "
             f"use a smaller block_size or more text", status=2)
 
-
-def vocabulary(meta):
-    """What a meta.pkl's ids mean, in words: a character table, MQAR's ids, or a BPE tokenizer."""
-    name = prepare_data.tokenizer_name(meta)
-    if name == 'char':
-        return f"{meta['vocab_size']} characters"
-    if name == 'mqar':
-        return f"MQAR's {meta['vocab_size']} ids"
-    return f"the {name} BPE"
-
-
-def ids_meaning(meta):
-    """What decides what a vocabulary's ids mean: its tokenizer, character table and size."""
-    try:
-        return prepare_data.tokenizer_name(meta), meta.get('stoi'), meta['vocab_size']
-    except prepare_data.PrepareError as e:  # a checkpoint whose meta names no tokenizer
-        die(e, status=2)
-
-
-if checkpoint is not None or from_gpt2:  # the ids must mean what they meant in training
-    trained_meta = checkpoint['meta'] if checkpoint is not None else GPT2_META
-    if ids_meaning(meta) != ids_meaning(trained_meta):
-        die(f"dataset {dataset!r} has another vocabulary ({vocabulary(meta)}) than the model of "
-            f"{init_from} was trained on ({vocabulary(trained_meta)}): use that model's dataset, "
-            f"or train from scratch", status=2)
+try:  # the ids must mean what they meant in training
+    check_vocabulary(start, meta, dataset)
+except StartError as e:
+    die(e, status=2)
 
 
 def get_batch(split, generator=None):
@@ -388,32 +294,24 @@ tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * bl
 log(f"tokens per iteration will be: {tokens_per_iter:,}")
 
 # model: from scratch, from a checkpoint (resume or new run), or from GPT-2
-iter_num = 0
-best_val_loss = 1e9
 # GPT-2's 50257 tokens are padded to 50304 (a multiple of 64) for faster matmuls; characters and
 # MQAR ids are not (MQAR's loss at the start is then ln(vocab), the loss of a uniform guess)
 model_args['vocab_size'] = meta['vocab_size']
 if 'stoi' not in meta and 'mqar' not in meta:
     model_args['vocab_size'] = math.ceil(meta['vocab_size'] / 64) * 64
-if init_from == 'scratch':
+checkpoint = start.checkpoint
+if start.kind == 'scratch':
     log("initializing a new model from scratch")
     model = GPT(GPTConfig(**model_args))
-elif from_gpt2:
-    log(f"initializing from OpenAI GPT-2 weights: {init_from}")
-    model = load_gpt2(init_from, dict(dropout=dropout, attention=attention,
-                                      inattn_prefix=inattn_prefix, inattn_shift=inattn_shift))
+elif start.kind == 'gpt2':
+    log(f"initializing from OpenAI GPT-2 weights: {start.init_from}")
+    model = load_gpt2(start.init_from, dict(dropout=dropout, attention=attention,
+                                            inattn_prefix=inattn_prefix, inattn_shift=inattn_shift))
 else:
-    log(f"{'resuming' if init_from == 'resume' else 'initializing'} from {ckpt_path}")
-    for k, v in saved.items():
-        if k not in ('vocab_size', 'block_size', *runtime_keys) and model_args.get(k) != v:
-            log(f"using the checkpoint's {k}={v!r} (config had {model_args.get(k)!r})")
-    # runtime knobs too: one left at its default keeps the checkpoint's value (a model trained with
-    # 16-token segments is evaluated with 16-token segments); one set explicitly wins
-    runtime = {k: model_args[k] for k in runtime_keys}
-    for k in runtime_keys:
-        if config[k] == defaults[k]:
-            runtime[k] = saved.get(k, model_args[k])
-    model = build_model(checkpoint, ckpt_path, **runtime)  # the saved position table: grown below
+    log(f"{'resuming' if start.kind == 'resume' else 'initializing'} from {start.path}")
+    for k, v in start.inherited.items():
+        log(f"using the checkpoint's {k}={v!r} (config had {model_args.get(k)!r})")
+    model = build_model(checkpoint, start.path, **start.runtime)  # its position table: grown below
 if block_size > model.config.block_size:
     log(f"extending block_size {model.config.block_size} -> {block_size} "
         f"(extend_method={extend_method!r})")
@@ -429,18 +327,16 @@ log(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
 # optimizer and, for float16, the gradient scaler (a no-op otherwise)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if init_from == 'resume':
+if start.kind == 'resume':
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
         if 'scaler' in checkpoint:  # nanoGPT's checkpoints have none: a fresh scaler calibrates
             scaler.load_state_dict(checkpoint['scaler'])
     except (ValueError, KeyError, RuntimeError) as e:
-        die(f"{ckpt_path}: its optimizer state does not fit this model ({type(e).__name__}): "
-            f"start a new run from its weights with --init_from={ckpt_path}", status=2)
-    iter_num = checkpoint['iter_num']
-    best_val_loss = checkpoint['best_val_loss']
-checkpoint = None  # free up memory
-
+        die(f"{start.path}: its optimizer state does not fit this model ({type(e).__name__}): "
+            f"start a new run from its weights with --init_from={start.path}", status=2)
+iter_num, best_val_loss = start.iter_num, start.best_val_loss  # a resume's: its checkpoint's
+start.checkpoint = checkpoint = None  # free up memory
 
 
 def compiled(model):
