@@ -474,8 +474,8 @@ def probe(features, labels, train):
     logistic regression fitted (L-BFGS, full batch, a little L2) on the rows where `train` is
     True, scored on the other rows."""
     X, y = features.float(), labels
-    W = torch.zeros(X.size(1), int(y.max()) + 1, requires_grad=True)
-    b = torch.zeros(W.size(1), requires_grad=True)
+    W = torch.zeros(X.size(1), int(y.max()) + 1, device=X.device, requires_grad=True)
+    b = torch.zeros(W.size(1), device=X.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([W, b], max_iter=200, line_search_fn='strong_wolfe')
 
     def loss():

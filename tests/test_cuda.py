@@ -158,3 +158,15 @@ def test_infini_across_segments_cached_equals_whole_sequence(update):
         # every token through the cache, including the first
         one_by_one = stepwise_logits(m, idx, 1, None)
         assert_close_bf16(one_by_one, full)
+
+
+def test_the_heads_probe_fits_on_the_features_device():
+    """eval_long.probe builds its read-out where the features are: it once built it on the CPU,
+    and `eval_long.py --mode=heads --device=cuda` stopped with a device mismatch."""
+    import eval_long
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(10, (400,), generator=generator)
+    held = torch.eye(10)[labels] + 0.01 * torch.randn(400, 10, generator=generator)
+    train = torch.arange(400) < 200
+    got = eval_long.probe(held.to(DEVICE), labels.to(DEVICE), train.to(DEVICE))
+    assert got == 1.0
