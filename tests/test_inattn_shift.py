@@ -167,3 +167,12 @@ def test_a_checkpoint_from_before_the_key_still_loads():
     assert loaded.config.inattn_shift == 0
     idx = prompt(1, 12, 8)
     torch.testing.assert_close(loaded(idx, idx)[0], model(idx, idx)[0], atol=0, rtol=0)
+
+
+def test_the_overhead_script_times_both_models(tmp_path):
+    """docs/shift_overhead.py (the shift's decode cost, docs/results.md) runs and prints both
+    rates and the ratio of their step times."""
+    r = run('docs/shift_overhead.py', 64, 1, '--threads=1', '--rounds=3', cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    assert lines[-3].startswith('inattn_shift=0: ') and lines[-2].startswith('inattn_shift=1: ')
+    assert lines[-1].startswith('step time, shift / no shift: median ')
